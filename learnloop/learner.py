@@ -6,7 +6,7 @@
 __all__ = ['STEPS', 'DataLoaders', 'Learner', 'TrainCB', 'TrainLearner', 'MomentumLearner', 'SingleBatchCB', 'show_training_loop',
            'conv', 'simple_cnn']
 
-# %% ../nbs/01_learner.ipynb #31b27fd0
+# %% ../nbs/01_learner.ipynb #4a47427a
 from operator import index
 import torch
 from torch import nn, optim
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from .callbacks import *
 
-# %% ../nbs/01_learner.ipynb #40146bbd
+# %% ../nbs/01_learner.ipynb #e8232fbe
 class DataLoaders:
     "Hold a training `DataLoader` (`.train`) and an optional validation one (`.valid`, None if not given)."
     def __init__(self, *dls):
@@ -29,7 +29,7 @@ class DataLoaders:
         valid = None if valid_ds is None else DataLoader(valid_ds, batch_size=bs * 2, shuffle=False, **kwargs)
         return cls(train, valid)
 
-# %% ../nbs/01_learner.ipynb #b4c6ef20
+# %% ../nbs/01_learner.ipynb #bd91ff87
 STEPS = ('predict', 'get_loss', 'backward', 'step', 'zero_grad')
 
 def _as_list(cbs):
@@ -54,7 +54,7 @@ def _check_epochs(n_epochs):
         raise ValueError(f"n_epochs must be a whole number >= 1, got {n_epochs!r}")
     return n
 
-# %% ../nbs/01_learner.ipynb #2210bade
+# %% ../nbs/01_learner.ipynb #9c288d7b
 def _check_dls(dls, train, valid):
     "Check `dls` has what this fit needs."
     if train and getattr(dls, 'train', None) is None:
@@ -80,7 +80,7 @@ def _check_loss(loss):
         raise ValueError(f"the loss must be a scalar tensor, got {shape}: use a loss function that reduces "
                          "(e.g. reduction='mean'), or take .mean() in get_loss")
 
-# %% ../nbs/01_learner.ipynb #2e00950f
+# %% ../nbs/01_learner.ipynb #7c04d24f
 class Learner:
     "Train `model` on `dls` with `loss_func` and `opt_func(params, lr)`; `cbs` hook the loop's events."
     def __init__(self, model, dls=(0,), loss_func=F.mse_loss, lr=0.1, cbs=None, opt_func=optim.SGD):
@@ -114,7 +114,7 @@ class Learner:
         n_epochs = _check_epochs(n_epochs)
         cbs = _as_list(cbs)
         self.add_cbs(cbs)
-        was_training = self.model.training
+        modes = [m.training for m in self.model.modules()]
         try:
             _check_dls(self.dls, train, valid)
             self._check_steps(train)
@@ -124,7 +124,7 @@ class Learner:
             self._fit()
         finally:
             self.remove_cbs(cbs)
-            self.model.train(was_training)
+            for module, training in zip(self.model.modules(), modes): module.training = training
 
     @with_cbs('fit')
     def _fit(self):
@@ -134,6 +134,7 @@ class Learner:
     def one_epoch(self, training):
         "Run one phase: training (`training=True`, on `dls.train`) or validation (on `dls.valid`, without gradients)."
         self.model.train(training)
+        self.phase = 'train' if training else 'valid'
         self.dl = self.dls.train if training else self.dls.valid
         with torch.set_grad_enabled(training): self._one_epoch()
 
@@ -183,7 +184,7 @@ class Learner:
                 raise NotImplementedError(f"Learner has no `{step}`: pass cbs=[TrainCB()] or use TrainLearner "
                                           f"(or define `{step}` in a Learner subclass or a callback)")
 
-# %% ../nbs/01_learner.ipynb #036cc4a2
+# %% ../nbs/01_learner.ipynb #52f10524
 class TrainCB(Callback):
     "Supply the five steps: `model(*batch[:n_inp])`, `loss_func(preds, *batch[n_inp:])`, backward, `opt.step()`, `opt.zero_grad()`."
     def __init__(self, n_inp=1): self.n_inp = n_inp
@@ -193,7 +194,7 @@ class TrainCB(Callback):
     def step(self, learn): learn.opt.step()
     def zero_grad(self, learn): learn.opt.zero_grad()
 
-# %% ../nbs/01_learner.ipynb #02220bea
+# %% ../nbs/01_learner.ipynb #87529b55
 class TrainLearner(Learner):
     "A `Learner` whose steps are methods: `model(batch[0])`, `loss_func(preds, batch[1])`, backward, step, zero_grad."
     def predict(self): self.preds = self.model(self.batch[0])
@@ -202,7 +203,7 @@ class TrainLearner(Learner):
     def step(self): self.opt.step()
     def zero_grad(self): self.opt.zero_grad()
 
-# %% ../nbs/01_learner.ipynb #4b651051
+# %% ../nbs/01_learner.ipynb #107a629e
 class MomentumLearner(TrainLearner):
     "A `TrainLearner` whose `zero_grad` keeps `mom` times the gradients instead of zeroing them: momentum."
     def __init__(self, model, dls, loss_func, lr=None, cbs=None, opt_func=optim.SGD, mom=0.85):
@@ -214,13 +215,13 @@ class MomentumLearner(TrainLearner):
             for p in self.model.parameters():
                 if p.grad is not None: p.grad *= self.mom
 
-# %% ../nbs/01_learner.ipynb #bc12635e
+# %% ../nbs/01_learner.ipynb #cad5d93e
 class SingleBatchCB(Callback):
     "Stop the fit after the first batch."
     order = 1
     def after_batch(self, learn): raise CancelFitException()
 
-# %% ../nbs/01_learner.ipynb #a3f7224e
+# %% ../nbs/01_learner.ipynb #5484316c
 _LOOP = [(0, 'before_fit'), (1, 'before_epoch'), (2, 'before_batch'), (3, 'predict'), (3, 'after_predict'),
          (3, 'get_loss'), (3, 'after_loss'), (3, 'backward'), (3, 'after_backward'), (3, 'before_step'),
          (3, 'step'), (3, 'after_step'), (3, 'zero_grad'), (2, 'after_batch'), (2, 'cleanup_batch'),
@@ -234,11 +235,11 @@ def show_training_loop(learn):
         else:
             who = [f"{type(h.__self__).__name__}({h.__self__.order})" if hasattr(h, '__self__') else repr(h)
                    for h in get_handlers(learn.cbs, event)]
-        print(f"{'  ' * depth}{event:<{20 - 2 * depth}}{', '.join(who)}")
+        print(f"{'  ' * depth + event:<22} {', '.join(who)}".rstrip())
 
 Learner.show_training_loop = show_training_loop
 
-# %% ../nbs/01_learner.ipynb #6d70f1e9
+# %% ../nbs/01_learner.ipynb #d12ad0f3
 def conv(ni, nf, ks=3, act=True):
     "A stride-2 convolution from `ni` to `nf` channels, followed by a ReLU if `act`."
     layer = nn.Conv2d(ni, nf, kernel_size=ks, stride=2, padding=ks // 2)
