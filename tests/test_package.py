@@ -1,0 +1,28 @@
+"""`pip install .` in a new virtualenv gives an importable learnloop whose modules are the notebooks' exports, with
+the embedded data sample and a working `learnloop-demo` command."""
+import subprocess, sys
+from pathlib import Path
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+def run(*cmd, cwd=None):
+    res = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, cwd=cwd, timeout=900)
+    assert res.returncode == 0, f"{' '.join(map(str, cmd))} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    return res.stdout
+
+def test_wheel_installs_in_a_fresh_virtualenv(tmp_path):
+    run(sys.executable, '-m', 'pip', 'wheel', '-q', '--no-deps', '-w', tmp_path / 'dist', ROOT)
+    wheel, = (tmp_path / 'dist').glob('learnloop-*.whl')
+    run(sys.executable, '-m', 'venv', tmp_path / 'venv')
+    py = tmp_path / 'venv' / 'bin' / 'python'
+    run(py, '-m', 'pip', 'install', '-q', f"torch=={torch.__version__.split('+')[0]}")  # torch first, as the README says
+    run(py, '-m', 'pip', 'install', '-q', wheel)
+    # run from tmp_path so that the clone's own learnloop/ folder cannot be imported by accident
+    installed = Path(run(py, '-c', 'import learnloop, os; print(os.path.dirname(learnloop.__file__))', cwd=tmp_path).strip())
+    assert installed != ROOT / 'learnloop'
+    for src in [*(ROOT / 'learnloop').glob('*.py'), *(ROOT / 'learnloop' / 'fashion_sample').iterdir()]:
+        dest = installed / src.relative_to(ROOT / 'learnloop')
+        assert dest.read_bytes() == src.read_bytes(), f"{dest} differs from {src}"
+    out = run(tmp_path / 'venv' / 'bin' / 'learnloop-demo', '--epochs', '1', cwd=tmp_path)
+    assert 'valid accuracy' in out, out
