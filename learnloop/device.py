@@ -5,12 +5,12 @@
 # %% auto #0
 __all__ = ['def_device', 'to_device', 'DeviceCB', 'ChannelsLastCB']
 
-# %% ../nbs/03_device.ipynb #433c791d
+# %% ../nbs/03_device.ipynb #dd2a15a0
 import copy
 import torch
 from .callbacks import *
 
-# %% ../nbs/03_device.ipynb #2c37bf38
+# %% ../nbs/03_device.ipynb #6c6b8060
 def _find_device():
     "The best device PyTorch can use here: 'cuda', else 'mps' (Apple GPUs), else 'cpu'."
     if torch.cuda.is_available(): return 'cuda'
@@ -19,10 +19,10 @@ def _find_device():
 
 def_device = _find_device()
 
-# %% ../nbs/03_device.ipynb #b01bae47
+# %% ../nbs/03_device.ipynb #f360ad65
 def _non_blocking(x, device):
     "Copy asynchronously only from pinned CPU memory to a CUDA device, the one case where that is safe."
-    return x.device.type == 'cpu' and torch.device(device).type == 'cuda' and x.is_pinned()
+    return device.type == 'cuda' and x.device.type == 'cpu' and x.is_pinned()
 
 def _rebuild(x, items):
     "A container of the same type as `x` holding `items` (for a dict: its new values, in the order of its keys)."
@@ -33,16 +33,22 @@ def _rebuild(x, items):
     if hasattr(x, '_fields'): return type(x)(*items)  # a namedtuple takes its fields as arguments
     return type(x)(items)
 
-def to_device(x, device=def_device):
-    "Move every tensor of `x` (a tensor, or lists, tuples, namedtuples, dicts of them, nested) to `device`."
-    if isinstance(x, torch.Tensor): return x.to(device, non_blocking=_non_blocking(x, device))
+def _move(x, device):
+    "`to_device` for a `torch.device`: called once per batch, so a tensor already there returns at once."
+    if isinstance(x, torch.Tensor):
+        if x.device == device: return x
+        return x.to(device, non_blocking=_non_blocking(x, device))
     if not isinstance(x, (list, tuple, dict)): return x  # strings, numbers, None...: not ours to move
     old = list(x.values()) if isinstance(x, dict) else list(x)
-    new = [to_device(o, device) for o in old]
+    new = [_move(o, device) for o in old]
     if all(n is o for n, o in zip(new, old)): return x  # nothing moved: no copy
     return _rebuild(x, new)
 
-# %% ../nbs/03_device.ipynb #cd238434
+def to_device(x, device=def_device):
+    "Move every tensor of `x` (a tensor, or lists, tuples, namedtuples, dicts of them, nested) to `device`."
+    return _move(x, torch.device(device))
+
+# %% ../nbs/03_device.ipynb #dd3a20c6
 def _move_model(learn, *args, **kwargs):
     "`learn.model.to(*args, **kwargs)`, keeping `learn.opt` on the model's parameters even if `to` replaced them."
     old = list(learn.model.parameters())
@@ -53,16 +59,16 @@ def _move_model(learn, *args, **kwargs):
     for group in opt.param_groups:
         group['params'] = [new_of.get(id(p), p) for p in group['params']]
 
-# %% ../nbs/03_device.ipynb #c43f3b1d
+# %% ../nbs/03_device.ipynb #823f4214
 class DeviceCB(Callback):
     "Move the model to `device` at `before_fit`, and every batch (with `to_device`) at `before_batch`."
     order = -20  # first: the batch must be on the device before any other callback reads it
     def __init__(self, device=def_device):
         self.device = torch.device(device)  # checked now: a typo fails here, not in the middle of a fit
     def before_fit(self, learn): _move_model(learn, self.device)
-    def before_batch(self, learn): learn.batch = to_device(learn.batch, self.device)
+    def before_batch(self, learn): learn.batch = _move(learn.batch, self.device)  # self.device is a torch.device
 
-# %% ../nbs/03_device.ipynb #60f440eb
+# %% ../nbs/03_device.ipynb #3826ef89
 def _is_image_batch(x):
     "A 4-d floating-point tensor, (N, C, H, W): what channels-last applies to."
     return isinstance(x, torch.Tensor) and x.ndim == 4 and x.is_floating_point()
