@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['LRFinderCB', 'suggest_lr', 'plot_lr_find', 'preserve_learner', 'lr_find']
 
-# %% ../nbs/08_lr_finder.ipynb #509dc34f
+# %% ../nbs/08_lr_finder.ipynb #2559f561
 import copy, math, random, warnings
 from contextlib import contextmanager
 import numpy as np
@@ -16,7 +16,7 @@ from torch.optim.lr_scheduler import ExponentialLR
 from .callbacks import *
 from .learner import *
 
-# %% ../nbs/08_lr_finder.ipynb #10d45415
+# %% ../nbs/08_lr_finder.ipynb #5cd14ce9
 class LRFinderCB(Callback):
     "Multiply the lr by `lr_mult` after each training batch, recording (lr, loss); stop when the loss is NaN or its average exceeds `max_mult` x its minimum."
     order = 30
@@ -52,7 +52,7 @@ class LRFinderCB(Callback):
         self.lrs, self.losses = list(state['lrs']), list(state['losses'])
         self.avg, self.min_loss, self._continue = state['avg'], state['min_loss'], True
 
-# %% ../nbs/08_lr_finder.ipynb #161a6905
+# %% ../nbs/08_lr_finder.ipynb #7288a90c
 def _smooth(xs, k=2):
     "Each value averaged with its `k` neighbours on each side (fewer at the ends): a moving average that does not lag."
     smooth = []
@@ -61,7 +61,7 @@ def _smooth(xs, k=2):
         smooth.append(sum(window) / len(window))
     return smooth
 
-# %% ../nbs/08_lr_finder.ipynb #936ca5bc
+# %% ../nbs/08_lr_finder.ipynb #6fe86de0
 def suggest_lr(lrs, losses, k=2):
     "The lr where the smoothed loss (centred moving average over `2k+1` points) falls the most, before its minimum."
     if not lrs:
@@ -75,7 +75,7 @@ def suggest_lr(lrs, losses, k=2):
     drops = [smooth[i + 1] - smooth[i] for i in range(lowest)]
     return lrs[drops.index(min(drops))]
 
-# %% ../nbs/08_lr_finder.ipynb #028f4e68
+# %% ../nbs/08_lr_finder.ipynb #c4876ad2
 def _draws_inline():
     "True where matplotlib draws figures into the notebook: Jupyter and nbdev's test runner."
     return 'inline' in matplotlib.get_backend()
@@ -99,31 +99,39 @@ def plot_lr_find(lrs, losses, suggestion=None, path=None, k=2):
     ax.legend()
     _show_or_save(fig, path)
 
-# %% ../nbs/08_lr_finder.ipynb #7858da9f
-def _rng_states():
-    "The states of the random number generators a fit may draw from: torch (CPU, CUDA, MPS), Python's `random`, numpy."
-    states = {'torch': torch.get_rng_state(), 'random': random.getstate(), 'numpy': np.random.get_state()}
-    if torch.cuda.is_available(): states['cuda'] = torch.cuda.get_rng_state_all()
-    if torch.backends.mps.is_available(): states['mps'] = torch.mps.get_rng_state()
-    return states
-
-def _set_rng_states(states):
-    "Put back the states saved by `_rng_states`."
-    torch.set_rng_state(states['torch'])
-    random.setstate(states['random'])
-    np.random.set_state(states['numpy'])
-    if 'cuda' in states: torch.cuda.set_rng_state_all(states['cuda'])
-    if 'mps' in states: torch.mps.set_rng_state(states['mps'])
-
+# %% ../nbs/08_lr_finder.ipynb #d18bd8da
 def _loader_generators(dls):
-    "The `torch.Generator`s that the data loaders of `dls` (and their samplers) shuffle with, if they have their own."
+    "The `torch.Generator`s that the data loaders of `dls` draw from, if they have their own (loader, sampler, batch sampler)."
     gens = []
     for dl in (getattr(dls, 'train', None), getattr(dls, 'valid', None)):
-        for g in (getattr(dl, 'generator', None), getattr(getattr(dl, 'sampler', None), 'generator', None)):
-            if isinstance(g, torch.Generator) and not any(g is o for o in gens): gens.append(g)
+        batch_sampler = getattr(dl, 'batch_sampler', None)
+        for o in (dl, getattr(dl, 'sampler', None), batch_sampler, getattr(batch_sampler, 'sampler', None)):
+            g = getattr(o, 'generator', None)
+            if isinstance(g, torch.Generator) and not any(g is h for h in gens): gens.append(g)
     return gens
 
-# %% ../nbs/08_lr_finder.ipynb #b66a033a
+def _rng_state(dls=None):
+    "The state of every random generator a fit draws from, as tensors and plain lists (which `weights_only` loads)."
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {'torch': torch.get_rng_state(), 'numpy': [name, keys.tolist(), int(pos), int(has_gauss), float(gauss)],
+             'random': [version, list(internal), gauss_next], 'loaders': [g.get_state() for g in _loader_generators(dls)]}
+    if torch.cuda.is_available(): state['cuda'] = torch.cuda.get_rng_state_all()
+    if torch.backends.mps.is_available(): state['mps'] = torch.mps.get_rng_state()
+    return state
+
+def _set_rng_state(state, dls=None):
+    "Put back the generators' states saved by `_rng_state`."
+    torch.set_rng_state(state['torch'])
+    name, keys, pos, has_gauss, gauss = state['numpy']
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state['random']
+    random.setstate((version, tuple(internal), gauss_next))
+    for g, s in zip(_loader_generators(dls), state['loaders']): g.set_state(s)
+    if 'cuda' in state: torch.cuda.set_rng_state_all(state['cuda'])
+    if 'mps' in state: torch.mps.set_rng_state(state['mps'])
+
+# %% ../nbs/08_lr_finder.ipynb #64259e6f
 def _save_learner(learn):
     "Everything a fit may change, copied."
     model, history = learn.model, getattr(learn, 'history', None)
@@ -132,7 +140,7 @@ def _save_learner(learn):
             'weights': copy.deepcopy(model.state_dict()),
             'grads': [None if p.grad is None else p.grad.clone() for p in model.parameters()],
             'modes': [m.training for m in model.modules()],
-            'rngs': _rng_states(), 'generators': [(g, g.get_state()) for g in _loader_generators(learn.dls)]}
+            'rngs': _rng_state(learn.dls)}
 
 def _restore_learner(learn, saved):
     "Put back what `_save_learner` saved."
@@ -147,8 +155,7 @@ def _restore_learner(learn, saved):
     learn.model.load_state_dict(saved['weights'])
     for p, grad in zip(learn.model.parameters(), saved['grads']): p.grad = grad
     for m, mode in zip(learn.model.modules(), saved['modes']): m.training = mode
-    _set_rng_states(saved['rngs'])
-    for g, state in saved['generators']: g.set_state(state)
+    _set_rng_state(saved['rngs'], learn.dls)
 
 @contextmanager
 def preserve_learner(learn):
@@ -157,7 +164,7 @@ def preserve_learner(learn):
     try: yield learn
     finally: _restore_learner(learn, saved)
 
-# %% ../nbs/08_lr_finder.ipynb #bc6409cd
+# %% ../nbs/08_lr_finder.ipynb #e3b205ff
 def lr_find(learn, lr_mult=1.3, start_lr=1e-5, max_epochs=10, max_mult=3, plot=True, plot_path=None):
     "Train with an lr growing from `start_lr` by `lr_mult` per batch until the loss explodes; plot loss vs lr and return a suggested lr. `learn` is left as it was."
     finder = LRFinderCB(lr_mult, max_mult)

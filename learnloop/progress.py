@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['loss_curves', 'save_loss_plot', 'ProgressCB', 'plot_loss']
 
-# %% ../nbs/04_progress.ipynb #8d6d581d
+# %% ../nbs/04_progress.ipynb #63ec243b
 import sys, time
 from pathlib import Path
 import torch
@@ -16,7 +16,7 @@ from .callbacks import *
 from .learner import *
 from .metrics import atomic_write
 
-# %% ../nbs/04_progress.ipynb #552ee355
+# %% ../nbs/04_progress.ipynb #7b72ea39
 class _RedrawHook:
     "Mixin for a fastprogress bar: call `self.before_redraw()`, if set, each time the bar is about to redraw."
     before_redraw = None
@@ -33,7 +33,7 @@ class _ConsoleBar(_RedrawHook, ConsoleProgressBar):
         if sys.stdout.isatty(): super().on_iter_end()
         else: ProgressBar.on_iter_end(self)  # skip the console's blanking of the line
 
-# %% ../nbs/04_progress.ipynb #9c13c2d5
+# %% ../nbs/04_progress.ipynb #a0282785
 def loss_curves(batch_losses, valid_losses, batches_per_epoch):
     "The (x, y) lines of the loss plot: the train loss of each batch, and the valid loss at the end of each epoch."
     train = (list(range(1, len(batch_losses) + 1)), list(batch_losses))
@@ -50,7 +50,7 @@ def _draw_losses(ax, curves):
     ax.legend(loc='upper right')
     return ax
 
-# %% ../nbs/04_progress.ipynb #2b04a967
+# %% ../nbs/04_progress.ipynb #fd245a3d
 def save_loss_plot(curves, path, figsize=(6, 4)):
     "Draw `curves` (from `loss_curves`) and save the figure as a PNG at `path`, atomically."
     fig = Figure(figsize=figsize)
@@ -58,7 +58,7 @@ def save_loss_plot(curves, path, figsize=(6, 4)):
     atomic_write(path, lambda f: fig.savefig(f, format='png'), mode='wb')
     return Path(path)
 
-# %% ../nbs/04_progress.ipynb #ee3cabe0
+# %% ../nbs/04_progress.ipynb #d88c62c1
 class ProgressCB(Callback):
     "Bars for the epochs and each phase, `MetricsCB`'s values as a table, with `plot=True` a loss plot."
     order = 60
@@ -71,8 +71,10 @@ class ProgressCB(Callback):
     def before_fit(self, learn):
         self.in_notebook = fp.IN_NOTEBOOK if self.notebook is None else self.notebook
         master_cls, self._bar_cls = (NBMasterBar, _NBBar) if self.in_notebook else (ConsoleMasterBar, _ConsoleBar)
-        self.mbar = master_cls(learn.epochs)
+        self.mbar = master_cls(range(learn.n_epochs))
         self.mbar.update(0)
+        start = learn.epochs[0] if len(learn.epochs) else learn.n_epochs
+        if start: self.mbar.update(start)  # a resumed fit starts later
         self.batch_losses = learn.batch_losses = []
         self.table, self._values, self._phases = [], {}, learn.phases
         self._valid_losses, self._per_epoch, self._last_graph = [], None, 0.
@@ -108,7 +110,7 @@ class ProgressCB(Callback):
             save_loss_plot(self._curves(), self.plot_path)
         self.mbar = None
 
-# %% ../nbs/04_progress.ipynb #253fc3ac
+# %% ../nbs/04_progress.ipynb #1806f73f
 def _before_redraw(self):
     "Called by the child bar just before it redraws: turn the pending losses into floats (one sync), set the comment."
     if not self._pending: return
@@ -130,7 +132,7 @@ def _update_graph(self):
 
 ProgressCB._before_redraw, ProgressCB._curves, ProgressCB._update_graph = _before_redraw, _curves, _update_graph
 
-# %% ../nbs/04_progress.ipynb #8e944f7c
+# %% ../nbs/04_progress.ipynb #711ae899
 def _hook_metrics(self, learn):
     "Send `MetricsCB`'s logs (`learn.metrics._log`) to our table until the end of the fit."
     metrics = getattr(learn, 'metrics', None)
@@ -166,7 +168,7 @@ def _add_row(self, epoch):
 ProgressCB._hook_metrics, ProgressCB._unhook_metrics = _hook_metrics, _unhook_metrics
 ProgressCB._log, ProgressCB._add_row = _log, _add_row
 
-# %% ../nbs/04_progress.ipynb #71c6cdfe
+# %% ../nbs/04_progress.ipynb #3fd49706
 def plot_loss(learn, ax=None):
     "Plot the train loss of each batch (`learn.batch_losses`, from `ProgressCB`) and the valid loss of each epoch."
     batch_losses = getattr(learn, 'batch_losses', [])

@@ -26,3 +26,23 @@ def test_wheel_installs_in_a_fresh_virtualenv(tmp_path):
         assert dest.read_bytes() == src.read_bytes(), f"{dest} differs from {src}"
     out = run(tmp_path / 'venv' / 'bin' / 'learnloop-demo', '--epochs', '1', cwd=tmp_path)
     assert 'valid accuracy' in out, out
+
+def test_every_global_name_the_modules_use_is_defined():
+    "A notebook's test cells can hide a missing import (the notebook imported it); the exported module would then fail."
+    import builtins, dis, importlib, pkgutil, types
+    import learnloop
+    def code_objects(co):
+        yield co
+        for const in co.co_consts:
+            if isinstance(const, types.CodeType): yield from code_objects(const)
+    undefined = []
+    for info in pkgutil.iter_modules(learnloop.__path__):
+        if info.name.startswith('_'): continue
+        module = importlib.import_module(f'learnloop.{info.name}')
+        source = compile(Path(module.__file__).read_text(), module.__file__, 'exec')
+        for co in code_objects(source):
+            for ins in dis.get_instructions(co):
+                if ins.opname in ('LOAD_GLOBAL', 'LOAD_NAME') and ins.argval not in vars(module) \
+                   and not hasattr(builtins, ins.argval):
+                    undefined.append(f"learnloop.{info.name}: {co.co_name} uses {ins.argval}")
+    assert not undefined, undefined
