@@ -6,18 +6,18 @@
 __all__ = ['CANCEL_EXCEPTIONS', 'Callback', 'CancelFitException', 'CancelEpochException', 'CancelBatchException',
            'CancelStepException', 'get_handlers', 'call_handlers', 'run_cbs', 'with_cbs']
 
-# %% ../nbs/00_callbacks.ipynb #2284847a
+# %% ../nbs/00_callbacks.ipynb #037dfa3c
 from functools import wraps
 from operator import attrgetter
 
-# %% ../nbs/00_callbacks.ipynb #52a5b539
+# %% ../nbs/00_callbacks.ipynb #8da6a1e6
 class Callback:
     "Base class for callbacks: define methods named after events, each taking the learner, e.g. `def after_batch(self, learn)`."
     order = 0  # callbacks run lowest `order` first; equal orders keep the order they were added in
 
     def __repr__(self): return type(self).__name__
 
-# %% ../nbs/00_callbacks.ipynb #e1bc2bec
+# %% ../nbs/00_callbacks.ipynb #e5da5396
 class CancelFitException(Exception):
     "Raise to stop the fit: skips the rest of it and `after_fit`; `cleanup_fit` still runs."
 
@@ -32,7 +32,7 @@ class CancelStepException(Exception):
 
 CANCEL_EXCEPTIONS = (CancelFitException, CancelEpochException, CancelBatchException, CancelStepException)
 
-# %% ../nbs/00_callbacks.ipynb #82c88a69
+# %% ../nbs/00_callbacks.ipynb #098d270b
 def get_handlers(cbs, event):
     "The bound methods named `event` of `cbs`, sorted by `order` (stable for equal orders)."
     handlers = []
@@ -41,7 +41,7 @@ def get_handlers(cbs, event):
         if method is not None: handlers.append(method)
     return handlers
 
-# %% ../nbs/00_callbacks.ipynb #7fc70e42
+# %% ../nbs/00_callbacks.ipynb #8d9ff972
 def _add_context(e, handler, event):
     "Add the callback's class and the event to the message of `e`, once."
     if getattr(e, '_learnloop_where', None): return
@@ -59,12 +59,12 @@ def call_handlers(handlers, event, learn=None):
             _add_context(e, handler, event)
             raise
 
-# %% ../nbs/00_callbacks.ipynb #5d6517b6
+# %% ../nbs/00_callbacks.ipynb #c0ae5b2a
 def run_cbs(cbs, method_nm, learn=None):
     "Run event `method_nm` on `cbs` (sorted by `order`), passing `learn` to each handler."
     call_handlers(get_handlers(cbs, method_nm), method_nm, learn)
 
-# %% ../nbs/00_callbacks.ipynb #5dde8055
+# %% ../nbs/00_callbacks.ipynb #9cec438d
 _CANCEL_FOR = {'fit': CancelFitException, 'epoch': CancelEpochException, 'batch': CancelBatchException}
 
 class with_cbs:

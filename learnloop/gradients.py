@@ -5,13 +5,13 @@
 # %% auto #0
 __all__ = ['GradientClippingCB', 'GradientAccumulationCB', 'MixedPrecisionCB']
 
-# %% ../nbs/07_gradients.ipynb #a1d6666e
+# %% ../nbs/07_gradients.ipynb #babc38ec
 import torch
 from torch import nn
 from .callbacks import *
 from .learner import *
 
-# %% ../nbs/07_gradients.ipynb #3fd6c35c
+# %% ../nbs/07_gradients.ipynb #77cd7853
 def _check_loss_kept(learn, hooked, cb):
     "Fail clearly if a callback replaced `learn.loss` after `cb` hooked it in `after_loss`."
     if hooked is not None and learn.loss is not hooked:
@@ -19,7 +19,7 @@ def _check_loss_kept(learn, hooked, cb):
                            f"after_loss, so the gradient of what it added was not scaled: give the callback that "
                            f"changes the loss an order below {cb.order}")
 
-# %% ../nbs/07_gradients.ipynb #97f54121
+# %% ../nbs/07_gradients.ipynb #7f00a9ec
 class GradientClippingCB(Callback):
     "Before each step, rescale the gradients so their total `norm_type`-norm is at most `max_norm`; the norm before clipping goes to `learn.grad_norm`."
     order = 20
@@ -29,7 +29,7 @@ class GradientClippingCB(Callback):
     def before_step(self, learn):
         learn.grad_norm = nn.utils.clip_grad_norm_(learn.model.parameters(), self.max_norm, self.norm_type)
 
-# %% ../nbs/07_gradients.ipynb #47b4a042
+# %% ../nbs/07_gradients.ipynb #8d9d5e6a
 def _scale_grads(params, factor):
     "Multiply the existing gradients of `params` by `factor`, in place."
     for p in params:
@@ -51,12 +51,21 @@ class GradientAccumulationCB(Callback):
 
     def _new_group(self): self.count, self.samples, self.planned_batches, self.planned_samples = 0, 0, 0, 0
 
+    def _group_batches(self, learn):
+        "How many batches the current group has: planned at its first batch, `n` or the batches left in the epoch."
+        if self.count: return self.planned_batches
+        left = _batches_left(learn)
+        return self.n if left is None else min(self.n, left)
+
+    def before_batch(self, learn):
+        "Tell other callbacks whether this batch's backward is followed by a step (`learn.accumulating`; DDP syncs only then)."
+        learn.accumulating = learn.training and self.count + 1 < self._group_batches(learn)
+
     def after_loss(self, learn):
         if not (learn.training and learn.loss.requires_grad): return
         size = len(learn.batch[0])
         if self.count == 0:  # the group's first batch: plan its size
-            left = _batches_left(learn)
-            self.planned_batches = self.n if left is None else min(self.n, left)
+            self.planned_batches = self._group_batches(learn)
             self.planned_samples = self.planned_batches * size
         self.count, self.samples = self.count + 1, self.samples + size
         factor = size / self.planned_samples
@@ -70,7 +79,9 @@ class GradientAccumulationCB(Callback):
         if self.count < self.planned_batches: raise CancelStepException()
         self._end_group(learn)
 
-    def cleanup_batch(self, learn): self.hooked = None  # do not keep a cancelled batch's graph alive
+    def cleanup_batch(self, learn):
+        self.hooked = None  # do not keep a cancelled batch's graph alive
+        learn.accumulating = False
 
     def _end_group(self, learn):
         "Correct the plan if the group's real size differs from it; the next batch starts a new group."
@@ -102,7 +113,7 @@ class GradientAccumulationCB(Callback):
         "Restore the open group saved by `state_dict`."
         for k, v in state.items(): setattr(self, k, v)
 
-# %% ../nbs/07_gradients.ipynb #e8efa187
+# %% ../nbs/07_gradients.ipynb #c741d822
 def _device_type(model):
     "The device type of `model`'s parameters ('cpu', 'cuda', 'mps'...); 'cpu' for a model without parameters."
     param = next(model.parameters(), None)
@@ -114,7 +125,7 @@ def _grads_are_finite(opt):
     if not grads: return True
     return bool(torch.stack([g.isfinite().all() for g in grads]).all())
 
-# %% ../nbs/07_gradients.ipynb #8b5a4705
+# %% ../nbs/07_gradients.ipynb #08a5833e
 class MixedPrecisionCB(Callback):
     "Run `predict` and `get_loss` under `torch.autocast(device_type, dtype)`; for float16, scale gradients with a `GradScaler(**scaler_kwargs)` and skip the steps that overflow."
     order = -10

@@ -5,14 +5,14 @@
 # %% auto #0
 __all__ = ['to_cpu', 'camel2snake', 'MetricsCB', 'atomic_write', 'CSVLoggerCB']
 
-# %% ../nbs/02_metrics.ipynb #d5853063
+# %% ../nbs/02_metrics.ipynb #4d04923b
 import copy, csv, os, re, tempfile
 from pathlib import Path
 import torch
 from .callbacks import *
 from .learner import *
 
-# %% ../nbs/02_metrics.ipynb #e2f47fa4
+# %% ../nbs/02_metrics.ipynb #7d8baa62
 def to_cpu(x):
     "Detach `x` and move it to the CPU: a tensor, or lists, tuples and dicts of tensors (nested); other things pass through."
     if isinstance(x, torch.Tensor): return x.detach().cpu()
@@ -21,13 +21,13 @@ def to_cpu(x):
     if isinstance(x, (list, tuple)): return type(x)(to_cpu(o) for o in x)
     return x
 
-# %% ../nbs/02_metrics.ipynb #5a2aa1bf
+# %% ../nbs/02_metrics.ipynb #cd3ad1e4
 def camel2snake(name):
     "`'MulticlassAccuracy'` -> `'multiclass_accuracy'`, `'BinaryAUROC'` -> `'binary_auroc'`."
     name = re.sub(r'(.)([A-Z][a-z]+)', r'\1_\2', name)
     return re.sub(r'([a-z0-9])([A-Z])', r'\1_\2', name).lower()
 
-# %% ../nbs/02_metrics.ipynb #af147d47
+# %% ../nbs/02_metrics.ipynb #ca078e15
 def _as_number(v):
     "A metric's result as a Python float (a list of floats for a metric with several values)."
     if not isinstance(v, torch.Tensor): return v
@@ -58,7 +58,7 @@ def _update_metrics(metrics, preds, targs):
         if m.device != preds.device: m.to(preds.device)
         m.update(preds, targs)
 
-# %% ../nbs/02_metrics.ipynb #23cc9dd4
+# %% ../nbs/02_metrics.ipynb #88bae35d
 class MetricsCB(Callback):
     "Compute the mean loss and the torcheval `metrics` of each phase with no sync per batch; record them in `learn.history`."
     order = 50
@@ -80,7 +80,7 @@ class MetricsCB(Callback):
     def after_batch(self, learn):
         preds, targs = learn.preds.detach(), learn.batch[-1].detach()
         if self.metrics:
-            if self._buffered and self._buffered + preds.numel() > self.buffer_size: self._flush()
+            if self._buffered and self._buffered + preds.numel() > self.buffer_size: self.flush()
             self._preds.append(preds); self._targs.append(targs)
             self._buffered += preds.numel()
         self._losses.append(learn.loss.detach())
@@ -98,7 +98,7 @@ class MetricsCB(Callback):
 
     def _compute(self):
         "The phase's mean loss and metrics as Python numbers: the phase's only syncs."
-        self._flush()
+        self.flush()
         values = {'loss': self.loss_sum / self.count if self.count else torch.tensor(float('nan'))}
         for name, m in self.metrics.items(): values[name] = m.compute()
         return {k: _as_number(v) for k, v in to_cpu(values).items()}
@@ -107,7 +107,7 @@ class MetricsCB(Callback):
         "Show a phase's formatted values `d` (plus `epoch` and `train`): print them. Replace it to log elsewhere."
         print(d)
 
-    def _flush(self):
+    def flush(self):
         "Hand the buffered batches to the metrics, and add their losses times their sizes to `loss_sum`, on the device."
         if self._preds: _update_metrics(self.metrics, self._preds, self._targs)
         if self._losses:
@@ -126,7 +126,7 @@ class MetricsCB(Callback):
         "Restore the history saved by `state_dict`; the next fit appends to it instead of starting a new one."
         self.history, self._continue = copy.deepcopy(state['history']), True
 
-# %% ../nbs/02_metrics.ipynb #d870139e
+# %% ../nbs/02_metrics.ipynb #d1f6adda
 def atomic_write(path, write, mode='w'):
     "Call `write(f)` on a temporary file next to `path`, flush it to the disk, then rename it to `path` in one step."
     path = Path(path)
@@ -142,7 +142,7 @@ def atomic_write(path, write, mode='w'):
         if os.path.exists(tmp): os.remove(tmp)
         raise
 
-# %% ../nbs/02_metrics.ipynb #0e87cfe4
+# %% ../nbs/02_metrics.ipynb #d781a926
 def _write_csv(f, rows):
     "Write the dicts `rows` as CSV to `f`, with the union of their keys (in first-seen order) as the header."
     header = list(dict.fromkeys(k for row in rows for k in row))
