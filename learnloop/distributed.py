@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['init_distributed', 'is_main_process', 'num_processes', 'DistributedCB']
 
-# %% ../nbs/10_distributed.ipynb #857a9279
+# %% ../nbs/10_distributed.ipynb #617cb8ba
 import copy, gc, os, sys
 from datetime import timedelta
 import torch
@@ -14,9 +14,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, IterableDataset, RandomSampler, Sampler, SequentialSampler
 from torch.utils.data.distributed import DistributedSampler
 from .callbacks import *
-from .metrics import MetricsCB, to_cpu
+from .metrics import MetricsCB, active_metrics, to_cpu
 
-# %% ../nbs/10_distributed.ipynb #06014aa7
+# %% ../nbs/10_distributed.ipynb #19a67d68
 _TORCHRUN_VARS = ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT')
 
 def _launched_by_torchrun(env=None):
@@ -46,14 +46,14 @@ def num_processes():
     "The number of processes training together: the size of the process group, or 1."
     return dist.get_world_size() if _is_distributed() else 1
 
-# %% ../nbs/10_distributed.ipynb #bfee1c81
+# %% ../nbs/10_distributed.ipynb #6b122bd3
 class _ShardSampler(Sampler):
     "The indices `rank, rank + world_size, rank + 2 * world_size...` of a dataset of length `n`: one shard, not padded."
     def __init__(self, n, rank, world_size): self.indices = range(rank, n, world_size)
     def __iter__(self): return iter(self.indices)
     def __len__(self): return len(self.indices)
 
-# %% ../nbs/10_distributed.ipynb #4636a7ab
+# %% ../nbs/10_distributed.ipynb #eb32134e
 def _shuffles(dl, name):
     "Whether the DataLoader `dl` shuffles; an error saying what to do when `DistributedCB` cannot split it."
     if not isinstance(dl, DataLoader) or isinstance(dl.dataset, IterableDataset) or dl.batch_size is None:
@@ -71,7 +71,7 @@ def _with_sampler(dl, sampler):
                       generator=dl.generator, prefetch_factor=dl.prefetch_factor,
                       persistent_workers=dl.persistent_workers, pin_memory_device=dl.pin_memory_device)
 
-# %% ../nbs/10_distributed.ipynb #fe05c9ed
+# %% ../nbs/10_distributed.ipynb #9b7ed29a
 def _fit_plan(learn, shard_data):
     "What every process must agree on, or some would wait forever for the others: epochs, phases, batches."
     plan = {'epochs': learn.n_epochs, 'phases': learn.phases}
@@ -89,7 +89,7 @@ def _check_plans(plans):
                      f"other:\n{ranks}\nEvery process must run the same script on the same data (the same dataset "
                      f"length and batch size, at least one validation sample per process) with the same fit arguments")
 
-# %% ../nbs/10_distributed.ipynb #aed7ecd3
+# %% ../nbs/10_distributed.ipynb #bb320f00
 def _comm_device():
     "Where the tensors of a collective must be: the current GPU for NCCL, the CPU for gloo."
     return torch.device('cuda', torch.cuda.current_device()) if dist.get_backend() == 'nccl' else torch.device('cpu')
@@ -114,7 +114,7 @@ def _reduce_metrics(cb):
     cb.loss_sum, cb.count = totals[0].float(), int(totals[1])  # float32, as MetricsCB sums
     for metric in cb.metrics.values(): _merge_ranks(metric)
 
-# %% ../nbs/10_distributed.ipynb #7d461c68
+# %% ../nbs/10_distributed.ipynb #76d4b7f7
 class _DDP(DistributedDataParallel):
     "A `DistributedDataParallel` whose `state_dict` is its module's: no 'module.' prefix, so saved weights load anywhere."
     def state_dict(self, *args, **kwargs): return self.module.state_dict(*args, **kwargs)
@@ -129,7 +129,7 @@ def _wrap(learn, **ddp_kwargs):
     ddp.register_forward_pre_hook(decide_sync)
     return ddp
 
-# %% ../nbs/10_distributed.ipynb #4703bed7
+# %% ../nbs/10_distributed.ipynb #a56fe0b0
 def _class_names(obj): return {c.__name__ for c in type(obj).__mro__}
 
 def _do_nothing(learn): pass
@@ -158,7 +158,7 @@ class _QuietRankCB(Callback):
             for name in names: delattr(cb, name)
         learn.remove_cbs(self)  # which also makes the learner look up its callbacks' handlers again
 
-# %% ../nbs/10_distributed.ipynb #a47b727c
+# %% ../nbs/10_distributed.ipynb #729439f3
 class DistributedCB(Callback):
     "Train on every process of a `torchrun` launch with DDP: split the data, sync the gradients, reduce the metrics."
     order = -40
@@ -208,8 +208,8 @@ class DistributedCB(Callback):
 
     def after_epoch(self, learn):
         "Before `MetricsCB` computes the phase's values, give it the totals of all processes."
-        metrics = getattr(learn, 'metrics', None)
-        if self.active and isinstance(metrics, MetricsCB) and any(metrics is cb for cb in learn.cbs):
+        metrics = active_metrics(learn)
+        if self.active and isinstance(metrics, MetricsCB):
             _reduce_metrics(metrics)
 
     def cleanup_fit(self, learn):

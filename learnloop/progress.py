@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['loss_curves', 'save_loss_plot', 'ProgressCB', 'plot_loss']
 
-# %% ../nbs/04_progress.ipynb #63ec243b
+# %% ../nbs/04_progress.ipynb #13ee8554
 import sys, time
 from pathlib import Path
 import torch
@@ -14,9 +14,9 @@ from fastprogress.fastprogress import NBMasterBar, NBProgressBar, ConsoleMasterB
 from matplotlib.figure import Figure
 from .callbacks import *
 from .learner import *
-from .metrics import atomic_write
+from .metrics import atomic_write, active_metrics
 
-# %% ../nbs/04_progress.ipynb #7b72ea39
+# %% ../nbs/04_progress.ipynb #270b1a0e
 class _RedrawHook:
     "Mixin for a fastprogress bar: call `self.before_redraw()`, if set, each time the bar is about to redraw."
     before_redraw = None
@@ -33,7 +33,7 @@ class _ConsoleBar(_RedrawHook, ConsoleProgressBar):
         if sys.stdout.isatty(): super().on_iter_end()
         else: ProgressBar.on_iter_end(self)  # skip the console's blanking of the line
 
-# %% ../nbs/04_progress.ipynb #a0282785
+# %% ../nbs/04_progress.ipynb #427a2dc3
 def loss_curves(batch_losses, valid_losses, batches_per_epoch):
     "The (x, y) lines of the loss plot: the train loss of each batch, and the valid loss at the end of each epoch."
     train = (list(range(1, len(batch_losses) + 1)), list(batch_losses))
@@ -50,7 +50,7 @@ def _draw_losses(ax, curves):
     ax.legend(loc='upper right')
     return ax
 
-# %% ../nbs/04_progress.ipynb #fd245a3d
+# %% ../nbs/04_progress.ipynb #68ec9523
 def save_loss_plot(curves, path, figsize=(6, 4)):
     "Draw `curves` (from `loss_curves`) and save the figure as a PNG at `path`, atomically."
     fig = Figure(figsize=figsize)
@@ -58,7 +58,7 @@ def save_loss_plot(curves, path, figsize=(6, 4)):
     atomic_write(path, lambda f: fig.savefig(f, format='png'), mode='wb')
     return Path(path)
 
-# %% ../nbs/04_progress.ipynb #d88c62c1
+# %% ../nbs/04_progress.ipynb #1f6d9435
 class ProgressCB(Callback):
     "Bars for the epochs and each phase, `MetricsCB`'s values as a table, with `plot=True` a loss plot."
     order = 60
@@ -110,7 +110,7 @@ class ProgressCB(Callback):
             save_loss_plot(self._curves(), self.plot_path)
         self.mbar = None
 
-# %% ../nbs/04_progress.ipynb #1806f73f
+# %% ../nbs/04_progress.ipynb #6884f653
 def _before_redraw(self):
     "Called by the child bar just before it redraws: turn the pending losses into floats (one sync), set the comment."
     if not self._pending: return
@@ -132,11 +132,11 @@ def _update_graph(self):
 
 ProgressCB._before_redraw, ProgressCB._curves, ProgressCB._update_graph = _before_redraw, _curves, _update_graph
 
-# %% ../nbs/04_progress.ipynb #711ae899
+# %% ../nbs/04_progress.ipynb #1fb1e0e9
 def _hook_metrics(self, learn):
     "Send `MetricsCB`'s logs (`learn.metrics._log`) to our table until the end of the fit."
-    metrics = getattr(learn, 'metrics', None)
-    if not any(metrics is cb for cb in learn.cbs): return  # no MetricsCB in this fit: no table
+    metrics = active_metrics(learn)
+    if metrics is None: return  # no MetricsCB in this fit: no table
     self._metrics, self._own_log = metrics, vars(metrics).get('_log')
     metrics._log = self._log
 
@@ -168,7 +168,7 @@ def _add_row(self, epoch):
 ProgressCB._hook_metrics, ProgressCB._unhook_metrics = _hook_metrics, _unhook_metrics
 ProgressCB._log, ProgressCB._add_row = _log, _add_row
 
-# %% ../nbs/04_progress.ipynb #3fd49706
+# %% ../nbs/04_progress.ipynb #4244bb3f
 def plot_loss(learn, ax=None):
     "Plot the train loss of each batch (`learn.batch_losses`, from `ProgressCB`) and the valid loss of each epoch."
     batch_losses = getattr(learn, 'batch_losses', [])

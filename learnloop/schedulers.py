@@ -6,7 +6,7 @@
 __all__ = ['hyper_names', 'get_hyper', 'set_hyper', 'hypers', 'BaseSchedCB', 'BatchSchedCB', 'EpochSchedCB', 'RecorderCB',
            'fit_one_cycle']
 
-# %% ../nbs/05_schedulers.ipynb #1209228f
+# %% ../nbs/05_schedulers.ipynb #e6a5bda4
 import copy
 from functools import partial
 import matplotlib.pyplot as plt
@@ -14,8 +14,9 @@ from torch.optim.lr_scheduler import OneCycleLR
 from .callbacks import *
 from .learner import *
 from .learner import _as_list
+from .metrics import active_metrics
 
-# %% ../nbs/05_schedulers.ipynb #5ae5787b
+# %% ../nbs/05_schedulers.ipynb #071df533
 _HYPERS = {'lr':   [('lr', None)],                          # (key in the param group, index in a tuple)
            'mom':  [('momentum', None), ('betas', 0)],
            'wd':   [('weight_decay', None)],
@@ -43,7 +44,7 @@ def _group_ids(opt, group):
         raise IndexError(f"group={group}, but {type(opt).__name__} has {n} param group(s): use 0 to {n - 1}, or None for all")
     return [group]
 
-# %% ../nbs/05_schedulers.ipynb #c4e18a69
+# %% ../nbs/05_schedulers.ipynb #8d3571c7
 def get_hyper(opt, name, group=None):
     "The hyper-parameter `name` of `opt`: its value in param group `group`, or a list with one value per group if `group` is None."
     key, i = _place(opt, name)
@@ -69,7 +70,7 @@ def hypers(opt, group=0):
     "A dict of the hyper-parameters of `opt`'s param group `group`, by their unified names."
     return {name: get_hyper(opt, name, group) for name in hyper_names(opt)}
 
-# %% ../nbs/05_schedulers.ipynb #e9a0a8ba
+# %% ../nbs/05_schedulers.ipynb #e8149b4c
 class BaseSchedCB(Callback):
     "Create the scheduler `sched(learn.opt)` at the start of each fit; subclasses say when to step it (only while training)."
     order = 40
@@ -102,11 +103,11 @@ class EpochSchedCB(BaseSchedCB):
     "Step the scheduler made by `sched(opt)` after each training epoch."
     def after_epoch(self, learn): self._step(learn)
 
-# %% ../nbs/05_schedulers.ipynb #6ace75a3
+# %% ../nbs/05_schedulers.ipynb #d12b782a
 def _history_row(learn):
     "This epoch's row of `learn.history`, if a metrics callback (`learn.metrics`) keeps one in this fit; else None."
-    metrics, history = getattr(learn, 'metrics', None), getattr(learn, 'history', None)
-    if not history or not any(metrics is cb for cb in learn.cbs): return None
+    history = getattr(learn, 'history', None)
+    if not history or active_metrics(learn) is None: return None
     return history[-1] if history[-1].get('epoch') == learn.epoch else None
 
 class RecorderCB(Callback):
@@ -143,7 +144,7 @@ class RecorderCB(Callback):
         "Restore the recordings; the next fit appends to them instead of starting new ones."
         self.recorder, self._continue = copy.deepcopy(state['recorder']), True
 
-# %% ../nbs/05_schedulers.ipynb #11485c22
+# %% ../nbs/05_schedulers.ipynb #fda4d970
 def _one_cycle(opt, cycle_momentum=None, **kwargs):
     "Torch's `OneCycleLR` on `opt`; with `cycle_momentum=None`, momentum cycles only if `opt` has a momentum that is not 0."
     if cycle_momentum is None: cycle_momentum = 'mom' in hyper_names(opt) and get_hyper(opt, 'mom', 0) > 0
