@@ -6,7 +6,7 @@
 __all__ = ['STEPS', 'DataLoaders', 'Learner', 'TrainCB', 'TrainLearner', 'MomentumLearner', 'SingleBatchCB', 'show_training_loop',
            'conv', 'simple_cnn']
 
-# %% ../nbs/01_learner.ipynb #81a24c95
+# %% ../nbs/01_learner.ipynb #c8e0f185
 from operator import index
 import torch
 from torch import nn, optim
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from .callbacks import *
 
-# %% ../nbs/01_learner.ipynb #4598edb5
+# %% ../nbs/01_learner.ipynb #043f4758
 class DataLoaders:
     "Hold a training `DataLoader` (`.train`) and an optional validation one (`.valid`, None if not given)."
     def __init__(self, *dls):
@@ -29,58 +29,7 @@ class DataLoaders:
         valid = None if valid_ds is None else DataLoader(valid_ds, batch_size=bs * 2, shuffle=False, **kwargs)
         return cls(train, valid)
 
-# %% ../nbs/01_learner.ipynb #70910a33
-STEPS = ('predict', 'get_loss', 'backward', 'step', 'zero_grad')
-
-def _as_list(cbs):
-    "`cbs` as a list: None gives [], a single callback gives [cb]."
-    if cbs is None: return []
-    if isinstance(cbs, (list, tuple)): return list(cbs)
-    return [cbs]
-
-def _check_new_cbs(new, current):
-    "Refuse callback classes (instead of instances) and callbacks added twice."
-    for i, cb in enumerate(new):
-        if isinstance(cb, type):
-            raise TypeError(f"{cb.__name__} is a class: pass an instance, e.g. cbs=[{cb.__name__}()]")
-        if any(cb is o for o in current) or any(cb is o for o in new[:i]):
-            raise ValueError(f"the callback {cb!r} was added twice: a callback instance can be added only once")
-
-def _check_epochs(n_epochs):
-    "`n_epochs` as an int >= 1, or a clear error."
-    try: n = index(n_epochs)
-    except TypeError: n = None
-    if n is None or isinstance(n_epochs, bool) or n < 1:
-        raise ValueError(f"n_epochs must be a whole number >= 1, got {n_epochs!r}")
-    return n
-
-# %% ../nbs/01_learner.ipynb #2ad69f9c
-def _check_dls(dls, train, valid):
-    "Check `dls` has what this fit needs."
-    if train and getattr(dls, 'train', None) is None:
-        raise ValueError("dls has no `.train` DataLoader: pass DataLoaders(train_dl, valid_dl), or fit(..., train=False) to only validate")
-    if train and hasattr(dls.train, '__len__') and len(dls.train) == 0:
-        raise ValueError("the training DataLoader is empty (0 batches): check the dataset's length, "
-                         "or use drop_last=False when the batch size is larger than the dataset")
-    if valid and not hasattr(dls, 'valid'):
-        raise ValueError("dls has no `.valid`: pass DataLoaders(train_dl, valid_dl), or fit(..., valid=False) to skip validation")
-
-def _phases(dls, train, valid):
-    "The phases of each epoch: 'train' and/or 'valid' (skipped when `dls.valid` is None)."
-    phases = []
-    if train: phases.append('train')
-    if valid and dls.valid is not None: phases.append('valid')
-    if not phases: raise ValueError("nothing to do: this fit has neither a training nor a validation phase")
-    return tuple(phases)
-
-def _check_loss(loss):
-    "The loss must be a scalar tensor."
-    if getattr(loss, 'ndim', None) != 0:
-        shape = tuple(loss.shape) if hasattr(loss, 'shape') else type(loss).__name__
-        raise ValueError(f"the loss must be a scalar tensor, got {shape}: use a loss function that reduces "
-                         "(e.g. reduction='mean'), or take .mean() in get_loss")
-
-# %% ../nbs/01_learner.ipynb #00b94e59
+# %% ../nbs/01_learner.ipynb #033a4d0a
 class Learner:
     "Train `model` on `dls` with `loss_func` and `opt_func(params, lr)`; `cbs` hook the loop's events."
     def __init__(self, model, dls=(0,), loss_func=F.mse_loss, lr=0.1, cbs=None, opt_func=optim.SGD):
@@ -184,7 +133,58 @@ class Learner:
                 raise NotImplementedError(f"Learner has no `{step}`: pass cbs=[TrainCB()] or use TrainLearner "
                                           f"(or define `{step}` in a Learner subclass or a callback)")
 
-# %% ../nbs/01_learner.ipynb #eba937d1
+# %% ../nbs/01_learner.ipynb #bc10b308
+STEPS = ('predict', 'get_loss', 'backward', 'step', 'zero_grad')
+
+def _as_list(cbs):
+    "`cbs` as a list: None gives [], a single callback gives [cb]."
+    if cbs is None: return []
+    if isinstance(cbs, (list, tuple)): return list(cbs)
+    return [cbs]
+
+def _check_new_cbs(new, current):
+    "Refuse callback classes (instead of instances) and callbacks added twice."
+    for i, cb in enumerate(new):
+        if isinstance(cb, type):
+            raise TypeError(f"{cb.__name__} is a class: pass an instance, e.g. cbs=[{cb.__name__}()]")
+        if any(cb is o for o in current) or any(cb is o for o in new[:i]):
+            raise ValueError(f"the callback {cb!r} was added twice: a callback instance can be added only once")
+
+def _check_epochs(n_epochs):
+    "`n_epochs` as an int >= 1, or a clear error."
+    try: n = index(n_epochs)
+    except TypeError: n = None
+    if n is None or isinstance(n_epochs, bool) or n < 1:
+        raise ValueError(f"n_epochs must be a whole number >= 1, got {n_epochs!r}")
+    return n
+
+# %% ../nbs/01_learner.ipynb #7f3ef2a2
+def _check_dls(dls, train, valid):
+    "Check `dls` has what this fit needs."
+    if train and getattr(dls, 'train', None) is None:
+        raise ValueError("dls has no `.train` DataLoader: pass DataLoaders(train_dl, valid_dl), or fit(..., train=False) to only validate")
+    if train and hasattr(dls.train, '__len__') and len(dls.train) == 0:
+        raise ValueError("the training DataLoader is empty (0 batches): check the dataset's length, "
+                         "or use drop_last=False when the batch size is larger than the dataset")
+    if valid and not hasattr(dls, 'valid'):
+        raise ValueError("dls has no `.valid`: pass DataLoaders(train_dl, valid_dl), or fit(..., valid=False) to skip validation")
+
+def _phases(dls, train, valid):
+    "The phases of each epoch: 'train' and/or 'valid' (skipped when `dls.valid` is None)."
+    phases = []
+    if train: phases.append('train')
+    if valid and dls.valid is not None: phases.append('valid')
+    if not phases: raise ValueError("nothing to do: this fit has neither a training nor a validation phase")
+    return tuple(phases)
+
+def _check_loss(loss):
+    "The loss must be a scalar tensor."
+    if getattr(loss, 'ndim', None) != 0:
+        shape = tuple(loss.shape) if hasattr(loss, 'shape') else type(loss).__name__
+        raise ValueError(f"the loss must be a scalar tensor, got {shape}: use a loss function that reduces "
+                         "(e.g. reduction='mean'), or take .mean() in get_loss")
+
+# %% ../nbs/01_learner.ipynb #2bfbccd3
 class TrainCB(Callback):
     "Supply the five steps: `model(*batch[:n_inp])`, `loss_func(preds, *batch[n_inp:])`, backward, `opt.step()`, `opt.zero_grad()`."
     def __init__(self, n_inp=1): self.n_inp = n_inp
@@ -194,7 +194,7 @@ class TrainCB(Callback):
     def step(self, learn): learn.opt.step()
     def zero_grad(self, learn): learn.opt.zero_grad()
 
-# %% ../nbs/01_learner.ipynb #0baffe7f
+# %% ../nbs/01_learner.ipynb #f8141d39
 class TrainLearner(Learner):
     "A `Learner` whose steps are methods: `model(batch[0])`, `loss_func(preds, batch[1])`, backward, step, zero_grad."
     def predict(self): self.preds = self.model(self.batch[0])
@@ -203,7 +203,7 @@ class TrainLearner(Learner):
     def step(self): self.opt.step()
     def zero_grad(self): self.opt.zero_grad()
 
-# %% ../nbs/01_learner.ipynb #140c0b3f
+# %% ../nbs/01_learner.ipynb #478c5b5f
 class MomentumLearner(TrainLearner):
     "A `TrainLearner` whose `zero_grad` keeps `mom` times the gradients instead of zeroing them: momentum."
     def __init__(self, model, dls, loss_func, lr=None, cbs=None, opt_func=optim.SGD, mom=0.85):
@@ -215,13 +215,13 @@ class MomentumLearner(TrainLearner):
             for p in self.model.parameters():
                 if p.grad is not None: p.grad *= self.mom
 
-# %% ../nbs/01_learner.ipynb #cb05e18c
+# %% ../nbs/01_learner.ipynb #681b8a48
 class SingleBatchCB(Callback):
     "Stop the fit after the first batch."
     order = 1
     def after_batch(self, learn): raise CancelFitException()
 
-# %% ../nbs/01_learner.ipynb #0af37e86
+# %% ../nbs/01_learner.ipynb #0372faba
 _LOOP = [(0, 'before_fit'), (1, 'before_epoch'), (2, 'before_batch'), (3, 'predict'), (3, 'after_predict'),
          (3, 'get_loss'), (3, 'after_loss'), (3, 'backward'), (3, 'after_backward'), (3, 'before_step'),
          (3, 'step'), (3, 'after_step'), (3, 'zero_grad'), (2, 'after_batch'), (2, 'cleanup_batch'),
@@ -239,7 +239,7 @@ def show_training_loop(learn):
 
 Learner.show_training_loop = show_training_loop
 
-# %% ../nbs/01_learner.ipynb #d4ec1505
+# %% ../nbs/01_learner.ipynb #669a8ac6
 def conv(ni, nf, ks=3, act=True):
     "A stride-2 convolution from `ni` to `nf` channels, followed by a ReLU if `act`."
     layer = nn.Conv2d(ni, nf, kernel_size=ks, stride=2, padding=ks // 2)
