@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['list_checkpoints', 'load_checkpoint', 'CheckpointCB', 'ResumeCB']
 
-# %% ../nbs/09_checkpoint.ipynb #5b2fcba3
+# %% ../nbs/09_checkpoint.ipynb #fde4f48e
 import re
 from collections import OrderedDict
 from pathlib import Path
@@ -14,10 +14,10 @@ from .callbacks import *
 from .learner import *
 from .metrics import atomic_write
 
-# %% ../nbs/09_checkpoint.ipynb #0dba3efc
+# %% ../nbs/09_checkpoint.ipynb #a8a2a97f
 from .lr_finder import _loader_generators, _rng_state, _set_rng_state
 
-# %% ../nbs/09_checkpoint.ipynb #dcea3658
+# %% ../nbs/09_checkpoint.ipynb #0e72f77d
 _NAME = re.compile(r'ckpt-e(\d+)-b(\d+)\.pt')
 _TEMP = re.compile(r'\.ckpt-e\d+-b\d+\.pt\..*\.tmp')
 
@@ -34,7 +34,7 @@ def list_checkpoints(folder):
     if not folder.is_dir(): return []
     return sorted((f for f in folder.iterdir() if _NAME.fullmatch(f.name)), key=_position)
 
-# %% ../nbs/09_checkpoint.ipynb #e4844a64
+# %% ../nbs/09_checkpoint.ipynb #abb5143e
 _PLAIN = (str, bytes, int, float, complex, bool, type(None), torch.Size, torch.dtype, torch.device)
 
 def _check_plain(obj, where):
@@ -49,7 +49,7 @@ def _check_plain(obj, where):
                         "torch.load(weights_only=True) cannot read back: a state_dict() must hold only tensors, numbers, "
                         "strings, None, lists, tuples and dicts (convert it, e.g. with float(x) or x.tolist())")
 
-# %% ../nbs/09_checkpoint.ipynb #12518ff3
+# %% ../nbs/09_checkpoint.ipynb #160ab06f
 _FORMAT = 'learnloop checkpoint v1'
 
 def _stateful_callbacks(cbs):
@@ -79,7 +79,7 @@ def _training_state(learn, epoch, batch, epoch_rng=None):
     _check_plain(state, 'the checkpoint')
     return state
 
-# %% ../nbs/09_checkpoint.ipynb #687d403e
+# %% ../nbs/09_checkpoint.ipynb #35b18858
 def _find_checkpoint(path):
     "The file `path`, or the newest checkpoint in the folder `path`; a clear error when there is none."
     path = Path(path)
@@ -103,7 +103,7 @@ def load_checkpoint(path):
                          "from SaveBestModelCB) loads with learn.model.load_state_dict(torch.load(path))")
     return ckpt
 
-# %% ../nbs/09_checkpoint.ipynb #f6c685a6
+# %% ../nbs/09_checkpoint.ipynb #3fca6df1
 def _check_count(name, n, none_ok=True):
     if (n is None and none_ok) or (isinstance(n, int) and not isinstance(n, bool) and n >= 1): return
     raise ValueError(f"CheckpointCB({name}=...) takes a whole number >= 1{' or None' if none_ok else ''}, got {n!r}")
@@ -146,7 +146,7 @@ class CheckpointCB(Callback):
         for old in list_checkpoints(self.path)[:-self.keep]: old.unlink()
         return file
 
-# %% ../nbs/09_checkpoint.ipynb #6fa31020
+# %% ../nbs/09_checkpoint.ipynb #77281dd1
 _FIT_NAMES = {'phases': 'the phases of each epoch', 'optimizer': 'the optimizer', 'train_batches':
               'the number of training batches', 'loader_generators': "the number of the data loaders' own generators"}
 
@@ -176,7 +176,7 @@ def _check_model(saved, model, file):
               if isinstance(v, torch.Tensor) and v.shape != own[k].shape]
     if shapes: raise ValueError(f"{file} holds weights of other shapes: {'; '.join(shapes)}. Resume with the model that saved it")
 
-# %% ../nbs/09_checkpoint.ipynb #8002acd8
+# %% ../nbs/09_checkpoint.ipynb #b2ef9094
 def _set_grads(model, grads):
     "Give each parameter of `model` its gradient from `grads` (None if it has none there)."
     for name, p in model.named_parameters():

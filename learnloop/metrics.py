@@ -5,14 +5,14 @@
 # %% auto #0
 __all__ = ['to_cpu', 'camel2snake', 'MetricsCB', 'atomic_write', 'active_metrics', 'CSVLoggerCB']
 
-# %% ../nbs/02_metrics.ipynb #e91e5c56
-import copy, csv, os, re, tempfile
+# %% ../nbs/02_metrics.ipynb #44e064b8
+import copy, csv, itertools, os, re, tempfile
 from pathlib import Path
 import torch
 from .callbacks import *
 from .learner import *
 
-# %% ../nbs/02_metrics.ipynb #987e798a
+# %% ../nbs/02_metrics.ipynb #ebd976c8
 def to_cpu(x):
     "Detach `x` and move it to the CPU: a tensor, or lists, tuples and dicts of tensors (nested); other things pass through."
     if isinstance(x, torch.Tensor): return x.detach().cpu()
@@ -21,13 +21,13 @@ def to_cpu(x):
     if isinstance(x, (list, tuple)): return type(x)(to_cpu(o) for o in x)
     return x
 
-# %% ../nbs/02_metrics.ipynb #a0a4d9a7
+# %% ../nbs/02_metrics.ipynb #3c102324
 def camel2snake(name):
     "`'MulticlassAccuracy'` -> `'multiclass_accuracy'`, `'BinaryAUROC'` -> `'binary_auroc'`."
     name = re.sub(r'(.)([A-Z][a-z]+)', r'\1_\2', name)
     return re.sub(r'([a-z0-9])([A-Z])', r'\1_\2', name).lower()
 
-# %% ../nbs/02_metrics.ipynb #3e86886d
+# %% ../nbs/02_metrics.ipynb #5c583c8e
 def _as_number(v):
     "A metric's result as a Python float (a list of floats for a metric with several values)."
     if not isinstance(v, torch.Tensor): return v
@@ -58,21 +58,37 @@ def _update_metrics(metrics, preds, targs):
         if m.device != preds.device: m.to(preds.device)
         m.update(preds, targs)
 
-# %% ../nbs/02_metrics.ipynb #f97bd779
+def _copies(tensors): return [t.clone() for t in tensors]  # compact: a clone of a view does not drag its whole storage
+
+def _model_device(model):
+    "The device of the first parameter (or buffer) of `model`; None if it has neither."
+    for t in itertools.chain(model.parameters(), model.buffers()): return t.device
+    return None
+
+def _multi_process():
+    "Whether this process trains with others (`torch.distributed`), each on its own part of the data."
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+# %% ../nbs/02_metrics.ipynb #ab5db84a
 class MetricsCB(Callback):
     "Compute the mean loss and the torcheval `metrics` of each phase with no sync per batch; record them in `learn.history`."
     order = 50
     def __init__(self, *ms, buffer_size=2**20, **metrics):
         metrics = _name_metrics(ms, metrics)
         self.metrics, self.buffer_size = metrics, buffer_size
-        self.history, self._continue = [], False
+        self.history, self._continue, self._phase, self._resume, self._row_epoch = [], False, None, False, None
 
     def before_fit(self, learn):
         if not self._continue: self.history = []
-        self._continue, self._row_epoch = False, None
+        if not self._resume: self._row_epoch = None
+        self._continue = False
         learn.metrics, learn.history = self, self.history
 
     def before_epoch(self, learn):
+        phase, resume, self._resume = (learn.epoch, learn.phase), self._resume, False
+        if resume: return self._continue_phase(learn, phase)
+        self._phase = phase
         for m in self.metrics.values(): m.reset()
         self.loss_sum, self.count = 0., 0
         self._clear_buffer()
@@ -93,8 +109,12 @@ class MetricsCB(Callback):
             self._row_epoch = learn.epoch
         phase = 'train' if learn.training else 'valid'
         self.history[-1].update({f'{phase}_{k}': v for k, v in values.items()})
+        self._phase = None  # the phase's numbers are in the history: nothing of it is left to save
         d = {k: _fmt(v) for k, v in values.items()}
         self._log({**d, 'epoch': learn.epoch, 'train': 'train' if learn.training else 'eval'})
+
+    def cleanup_epoch(self, learn): self._phase = None  # also when the phase was cancelled or failed
+    def cleanup_fit(self, learn): self._resume = False  # a loaded phase continues in the next fit's first phase only
 
     def _compute(self):
         "The phase's mean loss and metrics as Python numbers: the phase's only syncs."
@@ -119,14 +139,50 @@ class MetricsCB(Callback):
     def _clear_buffer(self): self._preds, self._targs, self._losses, self._sizes, self._buffered = [], [], [], [], 0
 
     def state_dict(self):
-        "What a resumed run needs: a copy of the history."
-        return {'history': copy.deepcopy(self.history)}
+        "A copy of the history; in the middle of a phase, also where it is and all it has summed and buffered so far."
+        state = {'history': copy.deepcopy(self.history)}
+        if self._phase is not None and not _multi_process(): state['phase'] = self._phase_state()
+        return state
 
     def load_state_dict(self, state):
-        "Restore the history saved by `state_dict`; the next fit appends to it instead of starting a new one."
-        self.history, self._continue = copy.deepcopy(state['history']), True
+        "Restore `state_dict()`: the next fit appends to the history and, if a phase was running, its first phase continues it."
+        phase = state.get('phase')
+        if phase is not None: self._load_phase(phase)  # first: if it fails, nothing has changed
+        self.history, self._continue, self._resume = copy.deepcopy(state['history']), True, phase is not None
 
-# %% ../nbs/02_metrics.ipynb #5c90741d
+    def _phase_state(self):
+        "The phase in progress: which one, its sums, its buffer (compact copies) and its metrics' own `state_dict()`."
+        loss_sum = self.loss_sum.clone() if isinstance(self.loss_sum, torch.Tensor) else self.loss_sum
+        return {'epoch': self._phase[0], 'name': self._phase[1], 'row_epoch': self._row_epoch, 'loss_sum': loss_sum,
+                'count': self.count, 'preds': _copies(self._preds), 'targs': _copies(self._targs),
+                'losses': _copies(self._losses), 'sizes': list(self._sizes), 'buffered': self._buffered,
+                'metrics': {name: m.state_dict() for name, m in self.metrics.items()}}
+
+    def _load_phase(self, s):
+        "Restore what `_phase_state` saved; the next `before_epoch` continues this phase instead of starting afresh."
+        if list(s['metrics']) != list(self.metrics):
+            raise ValueError(f"MetricsCB: the state holds the metrics {list(s['metrics'])}, this MetricsCB has "
+                             f"{list(self.metrics)}: load it into a MetricsCB with the same metrics")
+        for name, m in self.metrics.items(): m.load_state_dict(s['metrics'][name])
+        self._phase, self._row_epoch, self.count = (s['epoch'], s['name']), s['row_epoch'], s['count']
+        self.loss_sum = s['loss_sum'].clone() if isinstance(s['loss_sum'], torch.Tensor) else s['loss_sum']
+        self._preds, self._targs, self._losses = _copies(s['preds']), _copies(s['targs']), _copies(s['losses'])
+        self._sizes, self._buffered = list(s['sizes']), s['buffered']
+
+    def _continue_phase(self, learn, phase):
+        "In `before_epoch`: check that `phase` is the loaded one, and move its state to the model's device."
+        if phase != self._phase:
+            raise ValueError(f"MetricsCB: its state was saved in the middle of the {self._phase[1]} phase of epoch "
+                             f"{self._phase[0]}, but this fit starts with the {phase[1]} phase of epoch {phase[0]}: "
+                             "continue the saved fit where it stopped (ResumeCB does), or use a fresh MetricsCB")
+        device = _model_device(learn.model)
+        if device is None: return
+        self._preds, self._targs = [t.to(device) for t in self._preds], [t.to(device) for t in self._targs]
+        self._losses = [t.to(device) for t in self._losses]
+        if isinstance(self.loss_sum, torch.Tensor): self.loss_sum = self.loss_sum.to(device)
+        for m in self.metrics.values(): m.to(device)
+
+# %% ../nbs/02_metrics.ipynb #a216eff8
 def atomic_write(path, write, mode='w'):
     "Call `write(f)` on a temporary file next to `path`, flush it to the disk, then rename it to `path` in one step."
     path = Path(path)
@@ -142,7 +198,7 @@ def atomic_write(path, write, mode='w'):
         if os.path.exists(tmp): os.remove(tmp)
         raise
 
-# %% ../nbs/02_metrics.ipynb #c780d2d6
+# %% ../nbs/02_metrics.ipynb #d0da7bc2
 def _write_csv(f, rows):
     "Write the dicts `rows` as CSV to `f`, with the union of their keys (in first-seen order) as the header."
     header = list(dict.fromkeys(k for row in rows for k in row))
