@@ -5,13 +5,14 @@
 # %% auto #0
 __all__ = ['GradientClippingCB', 'GradientAccumulationCB', 'MixedPrecisionCB']
 
-# %% ../nbs/07_gradients.ipynb #babc38ec
+# %% ../nbs/07_gradients.ipynb #d13d3185
 import torch
 from torch import nn
 from .callbacks import *
 from .learner import *
+from .metrics import _model_device
 
-# %% ../nbs/07_gradients.ipynb #77cd7853
+# %% ../nbs/07_gradients.ipynb #e6d1b145
 def _check_loss_kept(learn, hooked, cb):
     "Fail clearly if a callback replaced `learn.loss` after `cb` hooked it in `after_loss`."
     if hooked is not None and learn.loss is not hooked:
@@ -19,7 +20,7 @@ def _check_loss_kept(learn, hooked, cb):
                            f"after_loss, so the gradient of what it added was not scaled: give the callback that "
                            f"changes the loss an order below {cb.order}")
 
-# %% ../nbs/07_gradients.ipynb #7f00a9ec
+# %% ../nbs/07_gradients.ipynb #74a19f3b
 class GradientClippingCB(Callback):
     "Before each step, rescale the gradients so their total `norm_type`-norm is at most `max_norm`; the norm before clipping goes to `learn.grad_norm`."
     order = 20
@@ -29,7 +30,7 @@ class GradientClippingCB(Callback):
     def before_step(self, learn):
         learn.grad_norm = nn.utils.clip_grad_norm_(learn.model.parameters(), self.max_norm, self.norm_type)
 
-# %% ../nbs/07_gradients.ipynb #8d9d5e6a
+# %% ../nbs/07_gradients.ipynb #de585dce
 def _scale_grads(params, factor):
     "Multiply the existing gradients of `params` by `factor`, in place."
     for p in params:
@@ -113,19 +114,14 @@ class GradientAccumulationCB(Callback):
         "Restore the open group saved by `state_dict`."
         for k, v in state.items(): setattr(self, k, v)
 
-# %% ../nbs/07_gradients.ipynb #c741d822
-def _device_type(model):
-    "The device type of `model`'s parameters ('cpu', 'cuda', 'mps'...); 'cpu' for a model without parameters."
-    param = next(model.parameters(), None)
-    return 'cpu' if param is None else param.device.type
-
+# %% ../nbs/07_gradients.ipynb #38fd01f4
 def _grads_are_finite(opt):
     "Whether every gradient of `opt`'s parameters is free of inf and NaN (one host sync)."
     grads = [p.grad for group in opt.param_groups for p in group['params'] if p.grad is not None]
     if not grads: return True
     return bool(torch.stack([g.isfinite().all() for g in grads]).all())
 
-# %% ../nbs/07_gradients.ipynb #08a5833e
+# %% ../nbs/07_gradients.ipynb #bf2db1dc
 class MixedPrecisionCB(Callback):
     "Run `predict` and `get_loss` under `torch.autocast(device_type, dtype)`; for float16, scale gradients with a `GradScaler(**scaler_kwargs)` and skip the steps that overflow."
     order = -10
@@ -139,7 +135,8 @@ class MixedPrecisionCB(Callback):
         self.autocast, self.autocasting, self.hooked = None, False, None
 
     def before_fit(self, learn):
-        device = self.device_type or _device_type(learn.model)  # after DeviceCB (-20) has moved the model
+        model_device = _model_device(learn.model)  # after DeviceCB (-20) has moved the model
+        device = self.device_type or (model_device.type if model_device is not None else 'cpu')
         self.autocast = torch.autocast(device, dtype=self.dtype)
         if self.dtype == torch.float16 and device != self.scaler_device:
             state = self.state_dict()  # the scale learned (or loaded) so far carries over to the new scaler

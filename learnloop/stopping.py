@@ -5,14 +5,14 @@
 # %% auto #0
 __all__ = ['MetricTrackerCB', 'EarlyStoppingCB', 'SaveBestModelCB', 'TerminateOnNaNCB']
 
-# %% ../nbs/06_early_stopping.ipynb #f3cb83db
+# %% ../nbs/06_early_stopping.ipynb #5c352cea
 import math
 from pathlib import Path
 import torch
 from .callbacks import *
-from .metrics import atomic_write
+from .metrics import atomic_write, _model_device
 
-# %% ../nbs/06_early_stopping.ipynb #96ddb6a2
+# %% ../nbs/06_early_stopping.ipynb #cdef267e
 def _n_rows(learn):
     "The number of rows in `learn.history` (0 when there is none)."
     history = getattr(learn, 'history', None)
@@ -37,7 +37,7 @@ def _read_metric(cb, learn):
     cb._rows_seen = len(learn.history)
     return float(row[cb.watch_metric])
 
-# %% ../nbs/06_early_stopping.ipynb #39f95309
+# %% ../nbs/06_early_stopping.ipynb #54df117b
 class MetricTrackerCB(Callback):
     "Read `watch_metric` in `learn.history` after each epoch; keep its best value, that epoch, and the epochs since."
     order = 70  # after MetricsCB (50), which writes the epoch's row
@@ -85,7 +85,7 @@ class MetricTrackerCB(Callback):
         self.best, self.best_epoch, self.wait = state['best'], state['best_epoch'], state['wait']
         self._continue = True
 
-# %% ../nbs/06_early_stopping.ipynb #ca708eaa
+# %% ../nbs/06_early_stopping.ipynb #c2a3e5e5
 class EarlyStoppingCB(MetricTrackerCB):
     "Stop the fit after `patience` epochs in a row in which `watch_metric` did not improve by more than `threshold`."
     def __init__(self, patience=1, threshold=0.01, watch_metric='valid_loss', greater_is_better=False,
@@ -122,17 +122,12 @@ class EarlyStoppingCB(MetricTrackerCB):
         super().load_state_dict(state)
         self.stop_reason = state.get('stop_reason')
 
-# %% ../nbs/06_early_stopping.ipynb #51b5a41e
+# %% ../nbs/06_early_stopping.ipynb #cf5d4fc3
 def _atomic_save(obj, path):
     "`torch.save(obj, path)` that never leaves a half-written `path`, with `atomic_write` from `02_metrics`."
     atomic_write(path, lambda f: torch.save(obj, f), mode='wb')
 
-def _device_of(model):
-    "The device of the model's first parameter (the CPU for a model without parameters)."
-    for p in model.parameters(): return p.device
-    return torch.device('cpu')
-
-# %% ../nbs/06_early_stopping.ipynb #ea87cd8a
+# %% ../nbs/06_early_stopping.ipynb #ca06ab63
 class SaveBestModelCB(MetricTrackerCB):
     "Save the weights to `save_path` (atomically) when `watch_metric` improves; load the best back when the fit ends."
     def __init__(self, save_path='best_model.pt', watch_metric='valid_loss', greater_is_better=False,
@@ -152,12 +147,12 @@ class SaveBestModelCB(MetricTrackerCB):
         "However the fit ended (normally, cancelled, error, interrupt), load the best weights back if there are any."
         in_fit, self._in_fit = self._in_fit, False
         if not in_fit or self.best_epoch is None: return
-        state = torch.load(self.save_path, map_location=_device_of(learn.model), weights_only=True)
+        state = torch.load(self.save_path, map_location=_model_device(learn.model) or 'cpu', weights_only=True)
         learn.model.load_state_dict(state)
         print(f"SaveBestModelCB: loaded the weights of epoch {self.best_epoch} "
               f"({self.watch_metric} {self.best:.4g}) from {self.save_path}")
 
-# %% ../nbs/06_early_stopping.ipynb #9fc02d40
+# %% ../nbs/06_early_stopping.ipynb #240d33cd
 class TerminateOnNaNCB(Callback):
     "Stop the fit at the first loss that is NaN or infinite (training or validation), before it reaches the weights."
     order = 5  # in after_loss, so before backward and step
