@@ -110,7 +110,7 @@ def _check_count(name, n, none_ok=True):
 
 class CheckpointCB(Callback):
     "Save the training state in the folder `path` every `every_n_batches` training batches, every `every_n_epochs` epochs and at the end; keep the newest `keep`."
-    order = 90  # last: every other callback has updated its state for this batch or epoch
+    order = 40  # last: every other callback has updated its state for this batch or epoch
     def __init__(self, path='checkpoints', every_n_batches=None, every_n_epochs=1, keep=2):
         for name, n in (('every_n_batches', every_n_batches), ('every_n_epochs', every_n_epochs)): _check_count(name, n)
         _check_count('keep', keep, none_ok=False)
@@ -191,7 +191,7 @@ def _resume_message(ckpt, file):
 
 class ResumeCB(Callback):
     "Continue the fit saved in the checkpoint `path` (a file, or the newest in a folder) exactly where it stopped."
-    order = -30  # first: load the states before the others' before_fit; skip batches before anyone sees them
+    order = -80  # first: load the states before the others' before_fit; skip batches before anyone sees them
     def __init__(self, path, missing_ok=True):
         self.path, self.missing_ok = Path(path), missing_ok
         self.ckpt, self.skip, self.rng = None, 0, None

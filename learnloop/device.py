@@ -62,7 +62,7 @@ def _move_model(learn, *args, **kwargs):
 # %% ../nbs/03_device.ipynb #823f4214
 class DeviceCB(Callback):
     "Move the model to `device` at `before_fit`, and every batch (with `to_device`) at `before_batch`."
-    order = -20  # first: the batch must be on the device before any other callback reads it
+    order = -70  # first: the batch must be on the device before any other callback reads it
     def __init__(self, device=def_device):
         self.device = torch.device(device)  # checked now: a typo fails here, not in the middle of a fit
     def before_fit(self, learn): _move_model(learn, self.device)
@@ -75,7 +75,7 @@ def _is_image_batch(x):
 
 class ChannelsLastCB(Callback):
     "Put the model's 4-d weights (`before_fit`) and the 4-d float tensors of each batch (`before_batch`) in channels-last format."
-    order = -15  # after DeviceCB: convert on the device
+    order = -65  # after DeviceCB: convert on the device
     def before_fit(self, learn): _move_model(learn, memory_format=torch.channels_last)
     def before_batch(self, learn):
         for i, x in enumerate(learn.batch):

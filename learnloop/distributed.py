@@ -161,7 +161,7 @@ class _QuietRankCB(Callback):
 # %% ../nbs/10_distributed.ipynb #729439f3
 class DistributedCB(Callback):
     "Train on every process of a `torchrun` launch with DDP: split the data, sync the gradients, reduce the metrics."
-    order = -40
+    order = -90
     def __init__(self, shard_data=True, seed=0, main_only=('CSVLoggerCB', 'SaveBestModelCB', 'CheckpointCB'),
                  backend=None, timeout=600, **ddp_kwargs):
         self.shard_data, self.seed, self.main_only, self.ddp_kwargs = shard_data, seed, main_only, ddp_kwargs

@@ -23,7 +23,7 @@ def _check_loss_kept(learn, hooked, cb):
 # %% ../nbs/07_gradients.ipynb #74a19f3b
 class GradientClippingCB(Callback):
     "Before each step, rescale the gradients so their total `norm_type`-norm is at most `max_norm`; the norm before clipping goes to `learn.grad_norm`."
-    order = 20
+    order = -30
     def __init__(self, max_norm=1.0, norm_type=2):
         self.max_norm, self.norm_type = max_norm, norm_type
 
@@ -43,7 +43,7 @@ def _batches_left(learn):
 
 class GradientAccumulationCB(Callback):
     "Step once every `n` training batches on the gradient of their mean loss: exactly one batch `n` times larger."
-    order = 10
+    order = -40
     def __init__(self, n):
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"GradientAccumulationCB(n): n is the number of batches per step, a whole number >= 1, got {n!r}")
@@ -124,7 +124,7 @@ def _grads_are_finite(opt):
 # %% ../nbs/07_gradients.ipynb #bf2db1dc
 class MixedPrecisionCB(Callback):
     "Run `predict` and `get_loss` under `torch.autocast(device_type, dtype)`; for float16, scale gradients with a `GradScaler(**scaler_kwargs)` and skip the steps that overflow."
-    order = -10
+    order = -60
     def __init__(self, dtype=torch.bfloat16, device_type=None, **scaler_kwargs):
         if dtype not in (torch.bfloat16, torch.float16):
             raise ValueError(f"MixedPrecisionCB(dtype=...) takes torch.bfloat16 or torch.float16, got {dtype}")

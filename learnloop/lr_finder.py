@@ -15,11 +15,13 @@ import matplotlib.pyplot as plt
 from torch.optim.lr_scheduler import ExponentialLR
 from .callbacks import *
 from .learner import *
+from .metrics import MetricsCB
+from .schedulers import BaseSchedCB
 
 # %% ../nbs/08_lr_finder.ipynb #5cd14ce9
 class LRFinderCB(Callback):
     "Multiply the lr by `lr_mult` after each training batch, recording (lr, loss); stop when the loss is NaN or its average exceeds `max_mult` x its minimum."
-    order = 30
+    order = -20
     def __init__(self, lr_mult=1.3, max_mult=3, beta=0.8):
         self.lr_mult, self.max_mult, self.beta, self.sched, self._continue = lr_mult, max_mult, beta, None, False
         self.lrs, self.losses, self.avg, self.min_loss = [], [], 0., math.inf
@@ -169,7 +171,7 @@ def lr_find(learn, lr_mult=1.3, start_lr=1e-5, max_epochs=10, max_mult=3, plot=T
     "Train with an lr growing from `start_lr` by `lr_mult` per batch until the loss explodes; plot loss vs lr and return a suggested lr. `learn` is left as it was."
     finder = LRFinderCB(lr_mult, max_mult)
     with preserve_learner(learn):
-        learn.remove_cbs([cb for cb in learn.cbs if cb.order >= finder.order])
+        learn.remove_cbs([cb for cb in learn.cbs if cb.order > 0 or isinstance(cb, (MetricsCB, BaseSchedCB))])  # the watchers and the schedules
         learn.fit(max_epochs, valid=False, cbs=finder, lr=start_lr)
     suggestion = suggest_lr(finder.lrs, finder.losses)
     if plot: plot_lr_find(finder.lrs, finder.losses, suggestion, plot_path)

@@ -73,7 +73,7 @@ def _multi_process():
 # %% ../nbs/02_metrics.ipynb #ab5db84a
 class MetricsCB(Callback):
     "Compute the mean loss and the torcheval `metrics` of each phase with no sync per batch; record them in `learn.history`."
-    order = 50
+    order = 0
     def __init__(self, *ms, buffer_size=2**20, **metrics):
         metrics = _name_metrics(ms, metrics)
         self.metrics, self.buffer_size = metrics, buffer_size
@@ -213,7 +213,7 @@ def active_metrics(learn):
 
 class CSVLoggerCB(Callback):
     "Write `learn.history` to the CSV file `path` after each epoch, atomically (the file is never half-written)."
-    order = 80
+    order = 30
     def __init__(self, path='history.csv'): self.path = Path(path)
 
     def before_fit(self, learn):

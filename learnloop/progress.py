@@ -61,7 +61,7 @@ def save_loss_plot(curves, path, figsize=(6, 4)):
 # %% ../nbs/04_progress.ipynb #1f6d9435
 class ProgressCB(Callback):
     "Bars for the epochs and each phase, `MetricsCB`'s values as a table, with `plot=True` a loss plot."
-    order = 60
+    order = 10
     def __init__(self, plot=False, plot_path='progress.png', notebook=None, redraw_every=0.2, plot_every=5.):
         "`notebook=None` follows fastprogress; `redraw_every`, `plot_every`: seconds between redraws of bars, graph."
         self.plot, self.plot_path, self.notebook = plot, Path(plot_path), notebook

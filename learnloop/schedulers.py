@@ -73,7 +73,7 @@ def hypers(opt, group=0):
 # %% ../nbs/05_schedulers.ipynb #e8149b4c
 class BaseSchedCB(Callback):
     "Create the scheduler `sched(learn.opt)` at the start of each fit; subclasses say when to step it (only while training)."
-    order = 40
+    order = -10
     def __init__(self, sched): self.sched_func, self.sched, self._resume, self._fitting = sched, None, None, False
 
     def before_fit(self, learn):
@@ -112,7 +112,7 @@ def _history_row(learn):
 
 class RecorderCB(Callback):
     "Record hyper-parameters `names` (default: all of lr, mom, wd, beta the optimizer has) of param group `group` at each step, in `learn.recorder`."
-    order = 55  # after MetricsCB (50), which writes the epoch's row of `learn.history` that we add the lr to
+    order = 5  # after MetricsCB (50), which writes the epoch's row of `learn.history` that we add the lr to
     def __init__(self, *names, group=0): self.names, self.group, self.recorder, self._continue = names, group, {}, False
 
     def before_fit(self, learn):

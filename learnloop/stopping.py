@@ -40,7 +40,7 @@ def _read_metric(cb, learn):
 # %% ../nbs/06_early_stopping.ipynb #54df117b
 class MetricTrackerCB(Callback):
     "Read `watch_metric` in `learn.history` after each epoch; keep its best value, that epoch, and the epochs since."
-    order = 70  # after MetricsCB (50), which writes the epoch's row
+    order = 20  # after MetricsCB (50), which writes the epoch's row
     def __init__(self, watch_metric='valid_loss', greater_is_better=False, threshold=0., reset_on_train=True):
         if not threshold >= 0: raise ValueError(f"threshold is an absolute margin: it must be >= 0, got {threshold}")
         self.watch_metric, self.greater_is_better = watch_metric, greater_is_better
@@ -155,7 +155,7 @@ class SaveBestModelCB(MetricTrackerCB):
 # %% ../nbs/06_early_stopping.ipynb #240d33cd
 class TerminateOnNaNCB(Callback):
     "Stop the fit at the first loss that is NaN or infinite (training or validation), before it reaches the weights."
-    order = 5  # in after_loss, so before backward and step
+    order = -45  # in after_loss, so before backward and step
     def after_loss(self, learn):
         if torch.isfinite(learn.loss): return  # one device sync per batch
         where = f"epoch {learn.epoch}, batch {learn.iter} ({'training' if learn.training else 'validation'})"
