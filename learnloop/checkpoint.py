@@ -5,19 +5,20 @@
 # %% auto #0
 __all__ = ['list_checkpoints', 'load_checkpoint', 'CheckpointCB', 'ResumeCB']
 
-# %% ../nbs/09_checkpoint.ipynb #fde4f48e
+# %% ../nbs/09_checkpoint.ipynb #ae8270a1
 import re
 from collections import OrderedDict
 from pathlib import Path
 import torch
+from fastcore.basics import patch
 from .callbacks import *
 from .learner import *
 from .metrics import atomic_write
 
-# %% ../nbs/09_checkpoint.ipynb #a8a2a97f
+# %% ../nbs/09_checkpoint.ipynb #1d3a892a
 from .lr_finder import _loader_generators, _rng_state, _set_rng_state
 
-# %% ../nbs/09_checkpoint.ipynb #0e72f77d
+# %% ../nbs/09_checkpoint.ipynb #8c34c41a
 _NAME = re.compile(r'ckpt-e(\d+)-b(\d+)\.pt')
 _TEMP = re.compile(r'\.ckpt-e\d+-b\d+\.pt\..*\.tmp')
 
@@ -34,7 +35,7 @@ def list_checkpoints(folder):
     if not folder.is_dir(): return []
     return sorted((f for f in folder.iterdir() if _NAME.fullmatch(f.name)), key=_position)
 
-# %% ../nbs/09_checkpoint.ipynb #abb5143e
+# %% ../nbs/09_checkpoint.ipynb #9f72c2e6
 _PLAIN = (str, bytes, int, float, complex, bool, type(None), torch.Size, torch.dtype, torch.device)
 
 def _check_plain(obj, where):
@@ -49,7 +50,7 @@ def _check_plain(obj, where):
                         "torch.load(weights_only=True) cannot read back: a state_dict() must hold only tensors, numbers, "
                         "strings, None, lists, tuples and dicts (convert it, e.g. with float(x) or x.tolist())")
 
-# %% ../nbs/09_checkpoint.ipynb #160ab06f
+# %% ../nbs/09_checkpoint.ipynb #59718204
 _FORMAT = 'learnloop checkpoint v1'
 
 def _stateful_callbacks(cbs):
@@ -62,6 +63,7 @@ def _stateful_callbacks(cbs):
         named[name if n == 0 else f'{name}_{n}'] = cb
     return named
 
+# %% ../nbs/09_checkpoint.ipynb #902acfa5
 def _fit_info(learn):
     "What the fit that resumes must share with the fit that saved: the number of epochs, the phases, the data's shape..."
     train = getattr(learn.dls, 'train', None)
@@ -79,7 +81,7 @@ def _training_state(learn, epoch, batch, epoch_rng=None):
     _check_plain(state, 'the checkpoint')
     return state
 
-# %% ../nbs/09_checkpoint.ipynb #35b18858
+# %% ../nbs/09_checkpoint.ipynb #437c063e
 def _find_checkpoint(path):
     "The file `path`, or the newest checkpoint in the folder `path`; a clear error when there is none."
     path = Path(path)
@@ -90,41 +92,40 @@ def _find_checkpoint(path):
     if not files: raise FileNotFoundError(f"no checkpoint in {path}: CheckpointCB names its files like {_name(1, 0)}")
     return files[-1]
 
+def _damaged(file, error):
+    "The error for a checkpoint `file` that `torch.load` could not read."
+    others = ', '.join(f.name for f in list_checkpoints(file.parent) if f != file) or 'none'
+    return ValueError(f"cannot read the checkpoint {file}: the file is damaged ({type(error).__name__}: {error}). Resume "
+                      f"from another checkpoint in {file.parent} (there: {others}), or delete this one")
+
+def _check_format(ckpt, file):
+    if not isinstance(ckpt, dict) or ckpt.get('format') != _FORMAT:
+        raise ValueError(f"{file} is not a checkpoint written by CheckpointCB: a model's bare state_dict (e.g. "
+                         "from SaveBestModelCB) loads with learn.model.load_state_dict(torch.load(path))")
+
+# %% ../nbs/09_checkpoint.ipynb #a975bf00
 def load_checkpoint(path):
     "Read the checkpoint `path` (a file, or the newest in a folder) onto the CPU, with `weights_only=True`."
     file = _find_checkpoint(path)
     try: ckpt = torch.load(file, map_location='cpu', weights_only=True)
-    except Exception as e:
-        others = ', '.join(f.name for f in list_checkpoints(file.parent) if f != file) or 'none'
-        raise ValueError(f"cannot read the checkpoint {file}: the file is damaged ({type(e).__name__}: {e}). Resume "
-                         f"from another checkpoint in {file.parent} (there: {others}), or delete this one") from e
-    if not isinstance(ckpt, dict) or ckpt.get('format') != _FORMAT:
-        raise ValueError(f"{file} is not a checkpoint written by CheckpointCB: a model's bare state_dict (e.g. "
-                         "from SaveBestModelCB) loads with learn.model.load_state_dict(torch.load(path))")
+    except Exception as e: raise _damaged(file, e) from e
+    _check_format(ckpt, file)
     return ckpt
 
-# %% ../nbs/09_checkpoint.ipynb #3fca6df1
+# %% ../nbs/09_checkpoint.ipynb #c3d09744
 def _check_count(name, n, none_ok=True):
     if (n is None and none_ok) or (isinstance(n, int) and not isinstance(n, bool) and n >= 1): return
     raise ValueError(f"CheckpointCB({name}=...) takes a whole number >= 1{' or None' if none_ok else ''}, got {n!r}")
 
+# %% ../nbs/09_checkpoint.ipynb #0d8005bc
 class CheckpointCB(Callback):
     "Save the training state in the folder `path` every `every_n_batches` training batches, every `every_n_epochs` epochs and at the end; keep the newest `keep`."
-    order = 40  # last: every other callback has updated its state for this batch or epoch
+    order = 40  # after every other shipped callback: they have all updated their state for this batch or epoch
     def __init__(self, path='checkpoints', every_n_batches=None, every_n_epochs=1, keep=2):
         for name, n in (('every_n_batches', every_n_batches), ('every_n_epochs', every_n_epochs)): _check_count(name, n)
         _check_count('keep', keep, none_ok=False)
         self.path, self.every_n_batches, self.every_n_epochs, self.keep = Path(path), every_n_batches, every_n_epochs, keep
         self.epoch_rng = None
-
-    def before_fit(self, learn):
-        for f in (self.path.iterdir() if self.path.is_dir() else []):
-            if _TEMP.fullmatch(f.name): f.unlink()  # left by a process killed while it saved
-        start = getattr(learn, 'resumed_at', (0, 0))
-        ahead = [f.name for f in list_checkpoints(self.path) if _position(f) > start]
-        if ahead:
-            raise ValueError(f"{self.path} holds checkpoints of a fit further on than this one starts ({', '.join(ahead)}): "
-                             f"to continue that fit add ResumeCB({str(self.path)!r}); to start again, delete them or save elsewhere")
 
     def before_epoch(self, learn):
         if learn.training: self.epoch_rng = _rng_state(learn.dls)  # the loop draws the epoch's order right after this
@@ -134,19 +135,52 @@ class CheckpointCB(Callback):
         if learn.training and n and (learn.iter + 1) % n == 0: self.save(learn, learn.epoch, learn.iter + 1)
 
     def after_epoch(self, learn):
-        if learn.phase != learn.phases[-1]: return
+        if learn.phase != learn.phases[-1]: return  # the epoch ends with its last phase
         n, last = self.every_n_epochs, learn.epoch == learn.n_epochs - 1
         if last or (n and (learn.epoch + 1) % n == 0): self.save(learn, learn.epoch + 1, 0)
 
-    def save(self, learn, epoch, batch):
-        "Write the state after `batch` training batches of `epoch` atomically; delete all but the newest `keep` checkpoints."
-        state = _training_state(learn, epoch, batch, self.epoch_rng if batch else None)
-        file = self.path / _name(epoch, batch)
-        atomic_write(file, lambda f: torch.save(state, f), mode='wb')
-        for old in list_checkpoints(self.path)[:-self.keep]: old.unlink()
-        return file
+# %% ../nbs/09_checkpoint.ipynb #e2a69ce4
+@patch
+def save(self: CheckpointCB, learn, epoch, batch):
+    "Write the state after `batch` training batches of `epoch` atomically; delete all but the newest `keep` checkpoints."
+    state = _training_state(learn, epoch, batch, self.epoch_rng if batch else None)
+    file = self.path / _name(epoch, batch)
+    atomic_write(file, lambda f: torch.save(state, f), mode='wb')
+    for old in list_checkpoints(self.path)[:-self.keep]: old.unlink()
+    return file
 
-# %% ../nbs/09_checkpoint.ipynb #77281dd1
+# %% ../nbs/09_checkpoint.ipynb #a5edb1e1
+@patch
+def before_fit(self: CheckpointCB, learn):
+    for f in (self.path.iterdir() if self.path.is_dir() else []):
+        if _TEMP.fullmatch(f.name): f.unlink()  # left by a process killed while it saved
+    start = getattr(learn, 'resumed_at', (0, 0))
+    ahead = [f.name for f in list_checkpoints(self.path) if _position(f) > start]
+    if ahead:
+        raise ValueError(f"{self.path} holds checkpoints of a fit further on than this one starts ({', '.join(ahead)}): "
+                         f"to continue that fit add ResumeCB({str(self.path)!r}); to start again, delete them or save elsewhere")
+
+# %% ../nbs/09_checkpoint.ipynb #c2a70ce6
+class ResumeCB(Callback):
+    "Continue the fit saved in the checkpoint `path` (a file, or the newest in a folder) exactly where it stopped."
+    order = -80  # first: load the states before the others' before_fit; skip batches before anyone sees them
+    def __init__(self, path, missing_ok=True):
+        self.path, self.missing_ok = Path(path), missing_ok
+        self.ckpt, self.skip, self.rng = None, 0, None
+
+    def before_fit(self, learn):
+        if self.missing_ok and not self.path.is_file() and self.path.suffix != '.pt' and not list_checkpoints(self.path):
+            return print(f"ResumeCB: no checkpoint in {self.path}: starting from scratch")
+        file = _find_checkpoint(self.path)
+        ckpt = load_checkpoint(file)
+        _check_same_fit(ckpt, learn, file)
+        learn.model.load_state_dict(ckpt['model'])
+        for key, cb in _stateful_callbacks(learn.cbs).items(): cb.load_state_dict(ckpt['cbs'][key])
+        learn.epochs, learn.resumed_at = range(ckpt['epoch'], learn.n_epochs), (ckpt['epoch'], ckpt['batch'])
+        self.ckpt = ckpt
+        print(_resume_message(ckpt, file))
+
+# %% ../nbs/09_checkpoint.ipynb #413ca6b2
 _FIT_NAMES = {'phases': 'the phases of each epoch', 'optimizer': 'the optimizer', 'train_batches':
               'the number of training batches', 'loader_generators': "the number of the data loaders' own generators"}
 
@@ -176,12 +210,11 @@ def _check_model(saved, model, file):
               if isinstance(v, torch.Tensor) and v.shape != own[k].shape]
     if shapes: raise ValueError(f"{file} holds weights of other shapes: {'; '.join(shapes)}. Resume with the model that saved it")
 
-# %% ../nbs/09_checkpoint.ipynb #b2ef9094
-def _set_grads(model, grads):
-    "Give each parameter of `model` its gradient from `grads` (None if it has none there)."
-    for name, p in model.named_parameters():
-        g = grads.get(name)
-        p.grad = None if g is None else g.to(p.device)
+def _check_same_fit(ckpt, learn, file):
+    "Fail, before anything changes, if the checkpoint `ckpt` read from `file` was not saved by this fit."
+    _check_fit(ckpt['fit'], learn, file)
+    _check_model(ckpt['model'], learn.model, file)
+    _check_same_keys(ckpt['cbs'], _stateful_callbacks(learn.cbs), 'callbacks that have a state_dict', file)
 
 def _resume_message(ckpt, file):
     (e, b), n = (ckpt['epoch'], ckpt['batch']), ckpt['fit']['n_epochs']
@@ -189,45 +222,35 @@ def _resume_message(ckpt, file):
     where = f"after its training batch {b - 1}" if b else "at its start"
     return f"ResumeCB: resuming from {file}: epoch {e} (epochs 0 to {n - 1}), {where}"
 
-class ResumeCB(Callback):
-    "Continue the fit saved in the checkpoint `path` (a file, or the newest in a folder) exactly where it stopped."
-    order = -80  # first: load the states before the others' before_fit; skip batches before anyone sees them
-    def __init__(self, path, missing_ok=True):
-        self.path, self.missing_ok = Path(path), missing_ok
-        self.ckpt, self.skip, self.rng = None, 0, None
+# %% ../nbs/09_checkpoint.ipynb #c5863784
+def _set_grads(model, grads):
+    "Give each parameter of `model` its gradient from `grads` (None if it has none there)."
+    for name, p in model.named_parameters():
+        g = grads.get(name)
+        p.grad = None if g is None else g.to(p.device)
 
-    def before_fit(self, learn):
-        if self.missing_ok and not self.path.is_file() and self.path.suffix != '.pt' and not list_checkpoints(self.path):
-            return print(f"ResumeCB: no checkpoint in {self.path}: starting from scratch")
-        file = _find_checkpoint(self.path)
-        ckpt = load_checkpoint(file)
-        _check_fit(ckpt['fit'], learn, file)
-        _check_model(ckpt['model'], learn.model, file)
-        cbs = _stateful_callbacks(learn.cbs)
-        _check_same_keys(ckpt['cbs'], cbs, 'callbacks that have a state_dict', file)
-        learn.model.load_state_dict(ckpt['model'])
-        for key, cb in cbs.items(): cb.load_state_dict(ckpt['cbs'][key])
-        learn.epochs, learn.resumed_at = range(ckpt['epoch'], learn.n_epochs), (ckpt['epoch'], ckpt['batch'])
-        self.ckpt = ckpt
-        print(_resume_message(ckpt, file))
+@patch
+def before_epoch(self: ResumeCB, learn):
+    "In the first epoch: load the optimizer, the gradients, and the generators' state that replays the epoch's order."
+    if self.ckpt is None: return
+    ckpt, self.ckpt = self.ckpt, None
+    learn.opt.load_state_dict(ckpt['opt'])
+    _set_grads(getattr(learn.model, 'module', learn.model), ckpt['grads'])
+    self.skip, self.rng = ckpt['batch'], ckpt['rng']
+    _set_rng_state(ckpt['epoch_rng'] if self.skip else self.rng, learn.dls)
 
-    def before_epoch(self, learn):
-        "In the first epoch: load the optimizer, the gradients, and the generators' state that replays the epoch's order."
-        if self.ckpt is None: return
-        ckpt, self.ckpt = self.ckpt, None
-        learn.opt.load_state_dict(ckpt['opt'])
-        _set_grads(getattr(learn.model, 'module', learn.model), ckpt['grads'])
-        self.skip, self.rng = ckpt['batch'], ckpt['rng']
-        _set_rng_state(ckpt['epoch_rng'] if self.skip else self.rng, learn.dls)
+# %% ../nbs/09_checkpoint.ipynb #396dca55
+@patch
+def before_batch(self: ResumeCB, learn):
+    if learn.iter < self.skip: raise CancelBatchException()  # done before the checkpoint: loaded, not computed
 
-    def before_batch(self, learn):
-        if learn.iter < self.skip: raise CancelBatchException()  # done before the checkpoint: loaded, not computed
+@patch
+def cleanup_batch(self: ResumeCB, learn):
+    if self.skip and learn.iter == self.skip - 1:  # the last batch done before the checkpoint
+        _set_rng_state(self.rng, learn.dls)
+        self.skip = 0
 
-    def cleanup_batch(self, learn):
-        if self.skip and learn.iter == self.skip - 1:  # the last batch done before the checkpoint
-            _set_rng_state(self.rng, learn.dls)
-            self.skip = 0
-
-    def cleanup_fit(self, learn):
-        self.ckpt, self.skip = None, 0
-        learn.__dict__.pop('resumed_at', None)
+@patch
+def cleanup_fit(self: ResumeCB, learn):
+    self.ckpt, self.skip = None, 0
+    learn.__dict__.pop('resumed_at', None)

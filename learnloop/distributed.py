@@ -5,18 +5,19 @@
 # %% auto #0
 __all__ = ['init_distributed', 'is_main_process', 'num_processes', 'DistributedCB']
 
-# %% ../nbs/10_distributed.ipynb #617cb8ba
+# %% ../nbs/10_distributed.ipynb #35af45dd
 import copy, gc, os, sys
 from datetime import timedelta
 import torch
 import torch.distributed as dist
+from fastcore.basics import patch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, IterableDataset, RandomSampler, Sampler, SequentialSampler
 from torch.utils.data.distributed import DistributedSampler
 from .callbacks import *
 from .metrics import MetricsCB, active_metrics, to_cpu
 
-# %% ../nbs/10_distributed.ipynb #19a67d68
+# %% ../nbs/10_distributed.ipynb #7c64855d
 _TORCHRUN_VARS = ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT')
 
 def _launched_by_torchrun(env=None):
@@ -46,14 +47,23 @@ def num_processes():
     "The number of processes training together: the size of the process group, or 1."
     return dist.get_world_size() if _is_distributed() else 1
 
-# %% ../nbs/10_distributed.ipynb #6b122bd3
+# %% ../nbs/10_distributed.ipynb #6e73d4cb
 class _ShardSampler(Sampler):
     "The indices `rank, rank + world_size, rank + 2 * world_size...` of a dataset of length `n`: one shard, not padded."
     def __init__(self, n, rank, world_size): self.indices = range(rank, n, world_size)
     def __iter__(self): return iter(self.indices)
     def __len__(self): return len(self.indices)
 
-# %% ../nbs/10_distributed.ipynb #eb32134e
+# %% ../nbs/10_distributed.ipynb #2e9a7021
+def _with_sampler(dl, sampler):
+    "A copy of the DataLoader `dl` that reads its dataset through `sampler`, with everything else the same."
+    return DataLoader(dl.dataset, batch_size=dl.batch_size, sampler=sampler, num_workers=dl.num_workers,
+                      collate_fn=dl.collate_fn, pin_memory=dl.pin_memory, drop_last=dl.drop_last, timeout=dl.timeout,
+                      worker_init_fn=dl.worker_init_fn, multiprocessing_context=dl.multiprocessing_context,
+                      generator=dl.generator, prefetch_factor=dl.prefetch_factor,
+                      persistent_workers=dl.persistent_workers, pin_memory_device=dl.pin_memory_device)
+
+# %% ../nbs/10_distributed.ipynb #0e4d92b8
 def _shuffles(dl, name):
     "Whether the DataLoader `dl` shuffles; an error saying what to do when `DistributedCB` cannot split it."
     if not isinstance(dl, DataLoader) or isinstance(dl.dataset, IterableDataset) or dl.batch_size is None:
@@ -63,15 +73,7 @@ def _shuffles(dl, name):
     raise TypeError(f"dls.{name} has a sampler DistributedCB cannot split ({type(dl.sampler).__name__}): give each "
                     f"process its own part of the data and pass DistributedCB(shard_data=False)")
 
-def _with_sampler(dl, sampler):
-    "A copy of the DataLoader `dl` that reads its dataset through `sampler`, with everything else the same."
-    return DataLoader(dl.dataset, batch_size=dl.batch_size, sampler=sampler, num_workers=dl.num_workers,
-                      collate_fn=dl.collate_fn, pin_memory=dl.pin_memory, drop_last=dl.drop_last, timeout=dl.timeout,
-                      worker_init_fn=dl.worker_init_fn, multiprocessing_context=dl.multiprocessing_context,
-                      generator=dl.generator, prefetch_factor=dl.prefetch_factor,
-                      persistent_workers=dl.persistent_workers, pin_memory_device=dl.pin_memory_device)
-
-# %% ../nbs/10_distributed.ipynb #9b7ed29a
+# %% ../nbs/10_distributed.ipynb #31957441
 def _fit_plan(learn, shard_data):
     "What every process must agree on, or some would wait forever for the others: epochs, phases, batches."
     plan = {'epochs': learn.n_epochs, 'phases': learn.phases}
@@ -81,6 +83,7 @@ def _fit_plan(learn, shard_data):
         if shard_data: plan['validation set size'] = len(learn.dls.valid.dataset)
     return plan
 
+# %% ../nbs/10_distributed.ipynb #7b3b3b3b
 def _check_plans(plans):
     "Fail, on every process at once, if the plans of the processes (one per rank) differ."
     if all(plan == plans[0] for plan in plans): return
@@ -89,7 +92,7 @@ def _check_plans(plans):
                      f"other:\n{ranks}\nEvery process must run the same script on the same data (the same dataset "
                      f"length and batch size, at least one validation sample per process) with the same fit arguments")
 
-# %% ../nbs/10_distributed.ipynb #bb320f00
+# %% ../nbs/10_distributed.ipynb #8639e740
 def _comm_device():
     "Where the tensors of a collective must be: the current GPU for NCCL, the CPU for gloo."
     return torch.device('cuda', torch.cuda.current_device()) if dist.get_backend() == 'nccl' else torch.device('cpu')
@@ -114,7 +117,7 @@ def _reduce_metrics(cb):
     cb.loss_sum, cb.count = totals[0].float(), int(totals[1])  # float32, as MetricsCB sums
     for metric in cb.metrics.values(): _merge_ranks(metric)
 
-# %% ../nbs/10_distributed.ipynb #76d4b7f7
+# %% ../nbs/10_distributed.ipynb #6bf6946b
 class _DDP(DistributedDataParallel):
     "A `DistributedDataParallel` whose `state_dict` is its module's: no 'module.' prefix, so saved weights load anywhere."
     def state_dict(self, *args, **kwargs): return self.module.state_dict(*args, **kwargs)
@@ -129,7 +132,7 @@ def _wrap(learn, **ddp_kwargs):
     ddp.register_forward_pre_hook(decide_sync)
     return ddp
 
-# %% ../nbs/10_distributed.ipynb #a56fe0b0
+# %% ../nbs/10_distributed.ipynb #b6ce54dc
 def _class_names(obj): return {c.__name__ for c in type(obj).__mro__}
 
 def _do_nothing(learn): pass
@@ -158,7 +161,7 @@ class _QuietRankCB(Callback):
             for name in names: delattr(cb, name)
         learn.remove_cbs(self)  # which also makes the learner look up its callbacks' handlers again
 
-# %% ../nbs/10_distributed.ipynb #729439f3
+# %% ../nbs/10_distributed.ipynb #0276d016
 class DistributedCB(Callback):
     "Train on every process of a `torchrun` launch with DDP: split the data, sync the gradients, reduce the metrics."
     order = -90
@@ -178,51 +181,61 @@ class DistributedCB(Callback):
         dist.all_gather_object(plans, _fit_plan(learn, self.shard_data))
         _check_plans(plans)
 
-    def _split(self, dls):
-        "A copy of `dls` whose loaders read this process's part of the data."
-        rank, world_size = dist.get_rank(), dist.get_world_size()
-        dls = copy.copy(dls)
-        if dls.train is not None:
-            shuffle = _shuffles(dls.train, 'train')
-            self.sampler = DistributedSampler(dls.train.dataset, world_size, rank, shuffle=shuffle, seed=self.seed)
-            dls.train = _with_sampler(dls.train, self.sampler)
-        if dls.valid is not None:
-            _shuffles(dls.valid, 'valid')
-            dls.valid = _with_sampler(dls.valid, _ShardSampler(len(dls.valid.dataset), rank, world_size))
-        return dls
+# %% ../nbs/10_distributed.ipynb #e3346372
+@patch
+def _split(self: DistributedCB, dls):
+    "A copy of `dls` whose loaders read this process's part of the data."
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    dls = copy.copy(dls)
+    if dls.train is not None:
+        shuffle = _shuffles(dls.train, 'train')
+        self.sampler = DistributedSampler(dls.train.dataset, world_size, rank, shuffle=shuffle, seed=self.seed)
+        dls.train = _with_sampler(dls.train, self.sampler)
+    if dls.valid is not None:
+        _shuffles(dls.valid, 'valid')
+        dls.valid = _with_sampler(dls.valid, _ShardSampler(len(dls.valid.dataset), rank, world_size))
+    return dls
 
-    def before_epoch(self, learn):
-        "Wrap the model in DDP (once, now that every `before_fit` has put it in place); reshuffle the training data."
-        if not self.active: return
-        if not isinstance(learn.model, _DDP): learn.model = _wrap(learn, **self.ddp_kwargs)
-        if learn.training and self.shard_data: self.sampler.set_epoch(self.train_epochs)  # the same on every process
+# %% ../nbs/10_distributed.ipynb #18c72f87
+@patch
+def before_epoch(self: DistributedCB, learn):
+    "Wrap the model in DDP (once, now that every `before_fit` has put it in place); reshuffle the training data."
+    if not self.active: return
+    if not isinstance(learn.model, _DDP): learn.model = _wrap(learn, **self.ddp_kwargs)
+    if learn.training and self.shard_data: self.sampler.set_epoch(self.train_epochs)  # the same on every process
 
-    def cleanup_epoch(self, learn):
-        if self.active and learn.training: self.train_epochs += 1
+@patch
+def cleanup_epoch(self: DistributedCB, learn):
+    if self.active and learn.training: self.train_epochs += 1
 
-    def before_step(self, learn):
-        if isinstance(learn.model, _DDP) and not learn.model.require_backward_grad_sync:
-            raise RuntimeError("DistributedCB: the optimizer is about to step with gradients that were not synced across "
-                               "processes, because learn.accumulating was True for this batch: set it to False for the "
-                               "batches after which the optimizer steps")
+@patch
+def before_step(self: DistributedCB, learn):
+    if isinstance(learn.model, _DDP) and not learn.model.require_backward_grad_sync:
+        raise RuntimeError("DistributedCB: the optimizer is about to step with gradients that were not synced across "
+                           "processes, because learn.accumulating was True for this batch: set it to False for the "
+                           "batches after which the optimizer steps")
 
-    def after_epoch(self, learn):
-        "Before `MetricsCB` computes the phase's values, give it the totals of all processes."
-        metrics = active_metrics(learn)
-        if self.active and isinstance(metrics, MetricsCB):
-            _reduce_metrics(metrics)
+# %% ../nbs/10_distributed.ipynb #31850bea
+@patch
+def after_epoch(self: DistributedCB, learn):
+    "Before `MetricsCB` computes the phase's values, give it the totals of all processes."
+    metrics = active_metrics(learn)
+    if self.active and isinstance(metrics, MetricsCB): _reduce_metrics(metrics)
 
-    def cleanup_fit(self, learn):
-        "Give the learner its own model and data back."
-        if not self.active: return
-        if isinstance(learn.model, _DDP):
-            learn.model = learn.model.module
-            gc.collect()  # free the DDP wrapper now, not at some later collection: it holds the process group
-        learn.dls = self.dls
-        self.active = False
+@patch
+def cleanup_fit(self: DistributedCB, learn):
+    "Give the learner its own model and data back."
+    if not self.active: return
+    if isinstance(learn.model, _DDP):
+        learn.model = learn.model.module
+        gc.collect()  # free the DDP wrapper now, not at some later collection: it holds the process group
+    learn.dls = self.dls
+    self.active = False
 
-    def state_dict(self):
-        "The number of training epochs done: the next one's shuffle is seeded with `seed + train_epochs`."
-        return {'train_epochs': self.train_epochs}
+@patch
+def state_dict(self: DistributedCB):
+    "The number of training epochs done: the next one's shuffle is seeded with `seed + train_epochs`."
+    return {'train_epochs': self.train_epochs}
 
-    def load_state_dict(self, state): self.train_epochs = state['train_epochs']
+@patch
+def load_state_dict(self: DistributedCB, state): self.train_epochs = state['train_epochs']

@@ -27,7 +27,7 @@ CHILD = textwrap.dedent('''
 
     class KillCB(Callback):
         "SIGKILL this process at `event` of batch `it` of `phase` in `epoch`."
-        order = 95  # after CheckpointCB (90): the checkpoint of this batch, if there is one, is on disk
+        order = 95  # after CheckpointCB (40): the checkpoint of this batch, if there is one, is on disk
         def __init__(self, event, epoch, phase, it): self.event, self.at = event, (int(epoch), phase, int(it))
         def _maybe_die(self, learn, event):
             if event == self.event and (learn.epoch, learn.phase, learn.iter) == self.at: die()
