@@ -250,7 +250,7 @@ class MomentumLearner(TrainLearner):
 class SingleBatchCB(Callback):
     "Stop the fit after the first batch."
     order = Callback.order + 1
-    def __init__(self): pass  # no arguments (so that the documentation shows it)
+    def __init__(self): pass  # so that show_doc shows the real signature, SingleBatchCB()
     def after_batch(self, learn): raise CancelFitException()
 
 # %% ../nbs/01_learner.ipynb #9929692b
