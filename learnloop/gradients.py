@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['GradientClippingCB', 'GradientAccumulationCB', 'MixedPrecisionCB']
 
-# %% ../nbs/07_gradients.ipynb #2a667c59
+# %% ../nbs/07_gradients.ipynb #6a9f5967
 import torch
 from torch import nn
 from fastcore.basics import patch
@@ -13,7 +13,7 @@ from .callbacks import *
 from .learner import *
 from .metrics import _model_device
 
-# %% ../nbs/07_gradients.ipynb #c49a6f4b
+# %% ../nbs/07_gradients.ipynb #85044e10
 class GradientClippingCB(Callback):
     "Before each step, rescale the gradients so their total `norm_type`-norm is at most `max_norm`; the norm before clipping goes to `learn.grad_norm`."
     order = -30
@@ -23,7 +23,7 @@ class GradientClippingCB(Callback):
     def before_step(self, learn):
         learn.grad_norm = nn.utils.clip_grad_norm_(learn.model.parameters(), self.max_norm, self.norm_type)
 
-# %% ../nbs/07_gradients.ipynb #b498ae7a
+# %% ../nbs/07_gradients.ipynb #46057121
 def _check_loss_kept(learn, hooked, cb):
     "Fail clearly if a callback replaced `learn.loss` after `cb` hooked it in `after_loss`."
     if hooked is not None and learn.loss is not hooked:
@@ -31,7 +31,7 @@ def _check_loss_kept(learn, hooked, cb):
                            f"after_loss, so the gradient of what it added was not scaled: give the callback that "
                            f"changes the loss an order below {cb.order}")
 
-# %% ../nbs/07_gradients.ipynb #dd98067e
+# %% ../nbs/07_gradients.ipynb #5ff088d0
 class GradientAccumulationCB(Callback):
     "Step once every `n` training batches on the gradient of their mean loss: exactly one batch `n` times larger."
     order = -40
@@ -51,7 +51,7 @@ class GradientAccumulationCB(Callback):
         "Restore the open group saved by `state_dict`."
         for k, v in state.items(): setattr(self, k, v)
 
-# %% ../nbs/07_gradients.ipynb #5d5aa8bf
+# %% ../nbs/07_gradients.ipynb #61b0c93b
 def _batches_left(learn):
     "How many batches of this epoch are left, counting the current one; None when `learn.dl` has no length."
     try: return len(learn.dl) - learn.iter
@@ -69,7 +69,7 @@ def before_batch(self: GradientAccumulationCB, learn):
     "Tell other callbacks whether this batch's backward is followed by a step (`learn.accumulating`)."
     learn.accumulating = learn.training and self.count + 1 < self._group_batches(learn)
 
-# %% ../nbs/07_gradients.ipynb #4df6f06c
+# %% ../nbs/07_gradients.ipynb #371fcf64
 @patch
 def after_loss(self: GradientAccumulationCB, learn):
     if not (learn.training and learn.loss.requires_grad): return
@@ -82,7 +82,7 @@ def after_loss(self: GradientAccumulationCB, learn):
     learn.loss.register_hook(lambda g: g * factor)
     self.hooked = learn.loss
 
-# %% ../nbs/07_gradients.ipynb #8ba16fd7
+# %% ../nbs/07_gradients.ipynb #cc129287
 def _scale_grads(params, factor):
     "Multiply the existing gradients of `params` by `factor`, in place."
     for p in params:
@@ -103,7 +103,7 @@ def _end_group(self: GradientAccumulationCB, learn):
         _scale_grads(learn.model.parameters(), self.planned_samples / self.samples)
     self._new_group()
 
-# %% ../nbs/07_gradients.ipynb #83432360
+# %% ../nbs/07_gradients.ipynb #069985f6
 @patch
 def after_epoch(self: GradientAccumulationCB, learn):
     "A group still open at the end of a training epoch (`learn.dl` has no length) is stepped now."
@@ -127,7 +127,7 @@ def cleanup_batch(self: GradientAccumulationCB, learn):
     self.hooked = None  # do not keep a cancelled batch's graph alive
     learn.accumulating = False
 
-# %% ../nbs/07_gradients.ipynb #ec5ff6af
+# %% ../nbs/07_gradients.ipynb #fdce3177
 class MixedPrecisionCB(Callback):
     "Run `predict` and `get_loss` under `torch.autocast(device_type, dtype)`; for float16, scale gradients with a `GradScaler(**scaler_kwargs)` and skip the steps that overflow."
     order = -60
@@ -149,7 +149,7 @@ class MixedPrecisionCB(Callback):
             self.scaler, self.scaler_device = torch.amp.GradScaler(device, **self.scaler_kwargs), device
             self.load_state_dict(state)
 
-# %% ../nbs/07_gradients.ipynb #d22f566a
+# %% ../nbs/07_gradients.ipynb #48e60337
 @patch
 def before_batch(self: MixedPrecisionCB, learn):
     self.autocast.__enter__()
@@ -178,7 +178,7 @@ def _leave_autocast(self: MixedPrecisionCB):
         self.autocast.__exit__(None, None, None)
         self.autocasting = False
 
-# %% ../nbs/07_gradients.ipynb #44201b66
+# %% ../nbs/07_gradients.ipynb #51fdbf85
 def _grads_are_finite(opt):
     "Whether every gradient of `opt`'s parameters is free of inf and NaN (one host sync)."
     grads = [p.grad for group in opt.param_groups for p in group['params'] if p.grad is not None]
@@ -195,7 +195,7 @@ def before_step(self: MixedPrecisionCB, learn):
         learn.opt.zero_grad()
         raise CancelStepException()
 
-# %% ../nbs/07_gradients.ipynb #d46a9e55
+# %% ../nbs/07_gradients.ipynb #007b6213
 @patch
 def state_dict(self: MixedPrecisionCB):
     "The `GradScaler`'s state (scale, growth tracker...); empty for bfloat16."
