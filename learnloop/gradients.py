@@ -5,22 +5,15 @@
 # %% auto #0
 __all__ = ['GradientClippingCB', 'GradientAccumulationCB', 'MixedPrecisionCB']
 
-# %% ../nbs/07_gradients.ipynb #d13d3185
+# %% ../nbs/07_gradients.ipynb #6a9f5967
 import torch
 from torch import nn
+from fastcore.basics import patch
 from .callbacks import *
 from .learner import *
 from .metrics import _model_device
 
-# %% ../nbs/07_gradients.ipynb #e6d1b145
-def _check_loss_kept(learn, hooked, cb):
-    "Fail clearly if a callback replaced `learn.loss` after `cb` hooked it in `after_loss`."
-    if hooked is not None and learn.loss is not hooked:
-        raise RuntimeError(f"a callback replaced learn.loss after {type(cb).__name__} (order {cb.order}) hooked it in "
-                           f"after_loss, so the gradient of what it added was not scaled: give the callback that "
-                           f"changes the loss an order below {cb.order}")
-
-# %% ../nbs/07_gradients.ipynb #74a19f3b
+# %% ../nbs/07_gradients.ipynb #85044e10
 class GradientClippingCB(Callback):
     "Before each step, rescale the gradients so their total `norm_type`-norm is at most `max_norm`; the norm before clipping goes to `learn.grad_norm`."
     order = -30
@@ -30,17 +23,15 @@ class GradientClippingCB(Callback):
     def before_step(self, learn):
         learn.grad_norm = nn.utils.clip_grad_norm_(learn.model.parameters(), self.max_norm, self.norm_type)
 
-# %% ../nbs/07_gradients.ipynb #de585dce
-def _scale_grads(params, factor):
-    "Multiply the existing gradients of `params` by `factor`, in place."
-    for p in params:
-        if p.grad is not None: p.grad.mul_(factor)
+# %% ../nbs/07_gradients.ipynb #46057121
+def _check_loss_kept(learn, hooked, cb):
+    "Fail clearly if a callback replaced `learn.loss` after `cb` hooked it in `after_loss`."
+    if hooked is not None and learn.loss is not hooked:
+        raise RuntimeError(f"a callback replaced learn.loss after {type(cb).__name__} (order {cb.order}) hooked it in "
+                           f"after_loss, so the gradient of what it added was not scaled: give the callback that "
+                           f"changes the loss an order below {cb.order}")
 
-def _batches_left(learn):
-    "How many batches of this epoch are left, counting the current one; None when `learn.dl` has no length."
-    try: return len(learn.dl) - learn.iter
-    except TypeError: return None
-
+# %% ../nbs/07_gradients.ipynb #5ff088d0
 class GradientAccumulationCB(Callback):
     "Step once every `n` training batches on the gradient of their mean loss: exactly one batch `n` times larger."
     order = -40
@@ -52,60 +43,6 @@ class GradientAccumulationCB(Callback):
 
     def _new_group(self): self.count, self.samples, self.planned_batches, self.planned_samples = 0, 0, 0, 0
 
-    def _group_batches(self, learn):
-        "How many batches the current group has: planned at its first batch, `n` or the batches left in the epoch."
-        if self.count: return self.planned_batches
-        left = _batches_left(learn)
-        return self.n if left is None else min(self.n, left)
-
-    def before_batch(self, learn):
-        "Tell other callbacks whether this batch's backward is followed by a step (`learn.accumulating`; DDP syncs only then)."
-        learn.accumulating = learn.training and self.count + 1 < self._group_batches(learn)
-
-    def after_loss(self, learn):
-        if not (learn.training and learn.loss.requires_grad): return
-        size = len(learn.batch[0])
-        if self.count == 0:  # the group's first batch: plan its size
-            self.planned_batches = self._group_batches(learn)
-            self.planned_samples = self.planned_batches * size
-        self.count, self.samples = self.count + 1, self.samples + size
-        factor = size / self.planned_samples
-        learn.loss.register_hook(lambda g: g * factor)
-        self.hooked = learn.loss
-
-    def after_backward(self, learn):
-        _check_loss_kept(learn, self.hooked, self)
-        self.hooked = None
-        if self.count == 0: return
-        if self.count < self.planned_batches: raise CancelStepException()
-        self._end_group(learn)
-
-    def cleanup_batch(self, learn):
-        self.hooked = None  # do not keep a cancelled batch's graph alive
-        learn.accumulating = False
-
-    def _end_group(self, learn):
-        "Correct the plan if the group's real size differs from it; the next batch starts a new group."
-        if self.samples != self.planned_samples:
-            _scale_grads(learn.model.parameters(), self.planned_samples / self.samples)
-        self._new_group()
-
-    def after_epoch(self, learn):
-        "A group still open at the end of a training epoch (`learn.dl` has no length) is stepped now."
-        if not (learn.training and self.count): return
-        self._end_group(learn)
-        try:
-            learn.callback('before_step')
-            learn.step();  learn.callback('after_step')
-            learn.zero_grad()
-        except CancelStepException: pass
-
-    def cleanup_epoch(self, learn):
-        "If the epoch was cancelled or crashed in the middle of a group, drop its gradients: nothing leaks into the next epoch."
-        if learn.training and self.count:
-            learn.opt.zero_grad()
-            self._new_group()
-
     def state_dict(self):
         "The open group: batches and samples seen, and its plan."
         return {k: getattr(self, k) for k in ('count', 'samples', 'planned_batches', 'planned_samples')}
@@ -114,14 +51,83 @@ class GradientAccumulationCB(Callback):
         "Restore the open group saved by `state_dict`."
         for k, v in state.items(): setattr(self, k, v)
 
-# %% ../nbs/07_gradients.ipynb #38fd01f4
-def _grads_are_finite(opt):
-    "Whether every gradient of `opt`'s parameters is free of inf and NaN (one host sync)."
-    grads = [p.grad for group in opt.param_groups for p in group['params'] if p.grad is not None]
-    if not grads: return True
-    return bool(torch.stack([g.isfinite().all() for g in grads]).all())
+# %% ../nbs/07_gradients.ipynb #61b0c93b
+def _batches_left(learn):
+    "How many batches of this epoch are left, counting the current one; None when `learn.dl` has no length."
+    try: return len(learn.dl) - learn.iter
+    except TypeError: return None
 
-# %% ../nbs/07_gradients.ipynb #bf2db1dc
+@patch
+def _group_batches(self: GradientAccumulationCB, learn):
+    "How many batches the current group has: planned at its first batch, `n` or the batches left in the epoch."
+    if self.count: return self.planned_batches
+    left = _batches_left(learn)
+    return self.n if left is None else min(self.n, left)
+
+@patch
+def before_batch(self: GradientAccumulationCB, learn):
+    "Tell other callbacks whether this batch's backward is followed by a step (`learn.accumulating`)."
+    learn.accumulating = learn.training and self.count + 1 < self._group_batches(learn)
+
+# %% ../nbs/07_gradients.ipynb #371fcf64
+@patch
+def after_loss(self: GradientAccumulationCB, learn):
+    if not (learn.training and learn.loss.requires_grad): return
+    size = len(learn.batch[0])
+    if self.count == 0:  # the group's first batch: plan its size
+        self.planned_batches = self._group_batches(learn)
+        self.planned_samples = self.planned_batches * size
+    self.count, self.samples = self.count + 1, self.samples + size
+    factor = size / self.planned_samples
+    learn.loss.register_hook(lambda g: g * factor)
+    self.hooked = learn.loss
+
+# %% ../nbs/07_gradients.ipynb #cc129287
+def _scale_grads(params, factor):
+    "Multiply the existing gradients of `params` by `factor`, in place."
+    for p in params:
+        if p.grad is not None: p.grad.mul_(factor)
+
+@patch
+def after_backward(self: GradientAccumulationCB, learn):
+    _check_loss_kept(learn, self.hooked, self)
+    self.hooked = None
+    if self.count == 0: return
+    if self.count < self.planned_batches: raise CancelStepException()
+    self._end_group(learn)
+
+@patch
+def _end_group(self: GradientAccumulationCB, learn):
+    "Correct the plan if the group's real size differs from it; the next batch starts a new group."
+    if self.samples != self.planned_samples:
+        _scale_grads(learn.model.parameters(), self.planned_samples / self.samples)
+    self._new_group()
+
+# %% ../nbs/07_gradients.ipynb #069985f6
+@patch
+def after_epoch(self: GradientAccumulationCB, learn):
+    "A group still open at the end of a training epoch (`learn.dl` has no length) is stepped now."
+    if not (learn.training and self.count): return
+    self._end_group(learn)
+    try:
+        learn.callback('before_step')
+        learn.step();  learn.callback('after_step')
+        learn.zero_grad()
+    except CancelStepException: pass
+
+@patch
+def cleanup_epoch(self: GradientAccumulationCB, learn):
+    "If the epoch was cancelled or crashed in the middle of a group, drop its gradients: nothing leaks into the next epoch."
+    if learn.training and self.count:
+        learn.opt.zero_grad()
+        self._new_group()
+
+@patch
+def cleanup_batch(self: GradientAccumulationCB, learn):
+    self.hooked = None  # do not keep a cancelled batch's graph alive
+    learn.accumulating = False
+
+# %% ../nbs/07_gradients.ipynb #fdce3177
 class MixedPrecisionCB(Callback):
     "Run `predict` and `get_loss` under `torch.autocast(device_type, dtype)`; for float16, scale gradients with a `GradScaler(**scaler_kwargs)` and skip the steps that overflow."
     order = -60
@@ -135,7 +141,7 @@ class MixedPrecisionCB(Callback):
         self.autocast, self.autocasting, self.hooked = None, False, None
 
     def before_fit(self, learn):
-        model_device = _model_device(learn.model)  # after DeviceCB (-20) has moved the model
+        model_device = _model_device(learn.model)  # after DeviceCB (-70) has moved the model
         device = self.device_type or (model_device.type if model_device is not None else 'cpu')
         self.autocast = torch.autocast(device, dtype=self.dtype)
         if self.dtype == torch.float16 and device != self.scaler_device:
@@ -143,43 +149,60 @@ class MixedPrecisionCB(Callback):
             self.scaler, self.scaler_device = torch.amp.GradScaler(device, **self.scaler_kwargs), device
             self.load_state_dict(state)
 
-    def before_batch(self, learn):
-        self.autocast.__enter__()
-        self.autocasting = True
+# %% ../nbs/07_gradients.ipynb #48e60337
+@patch
+def before_batch(self: MixedPrecisionCB, learn):
+    self.autocast.__enter__()
+    self.autocasting = True
 
-    def after_loss(self, learn):
-        self._leave_autocast()
-        if self.scaler is not None and learn.loss.requires_grad:
-            learn.loss.register_hook(self.scaler.scale)
-            self.hooked = learn.loss
+@patch
+def after_loss(self: MixedPrecisionCB, learn):
+    self._leave_autocast()
+    if self.scaler is not None and learn.loss.requires_grad:
+        learn.loss.register_hook(self.scaler.scale)
+        self.hooked = learn.loss
 
-    def after_backward(self, learn):
-        _check_loss_kept(learn, self.hooked, self)
-        self.hooked = None
+@patch
+def after_backward(self: MixedPrecisionCB, learn):
+    _check_loss_kept(learn, self.hooked, self)
+    self.hooked = None
 
-    def before_step(self, learn):
-        if self.scaler is None: return
-        self.scaler.unscale_(learn.opt)
-        finite = _grads_are_finite(learn.opt)
-        self.scaler.update()  # halves the scale if unscale_ found an inf or a NaN
-        if not finite:
-            learn.opt.zero_grad()
-            raise CancelStepException()
+@patch
+def cleanup_batch(self: MixedPrecisionCB, learn):
+    self._leave_autocast()
+    self.hooked = None  # do not keep a cancelled batch's graph alive
 
-    def cleanup_batch(self, learn):
-        self._leave_autocast()
-        self.hooked = None  # do not keep a cancelled batch's graph alive
+@patch
+def _leave_autocast(self: MixedPrecisionCB):
+    if self.autocasting:
+        self.autocast.__exit__(None, None, None)
+        self.autocasting = False
 
-    def _leave_autocast(self):
-        if self.autocasting:
-            self.autocast.__exit__(None, None, None)
-            self.autocasting = False
+# %% ../nbs/07_gradients.ipynb #51fdbf85
+def _grads_are_finite(opt):
+    "Whether every gradient of `opt`'s parameters is free of inf and NaN (one host sync)."
+    grads = [p.grad for group in opt.param_groups for p in group['params'] if p.grad is not None]
+    if not grads: return True
+    return bool(torch.stack([g.isfinite().all() for g in grads]).all())
 
-    def state_dict(self):
-        "The `GradScaler`'s state (scale, growth tracker...); empty for bfloat16."
-        return self.scaler.state_dict() if self.scaler is not None else dict(self._scaler_state)
+@patch
+def before_step(self: MixedPrecisionCB, learn):
+    if self.scaler is None: return
+    self.scaler.unscale_(learn.opt)
+    finite = _grads_are_finite(learn.opt)
+    self.scaler.update()  # halves the scale if unscale_ found an inf or a NaN
+    if not finite:
+        learn.opt.zero_grad()
+        raise CancelStepException()
 
-    def load_state_dict(self, state):
-        "Restore what `state_dict` saved; before the first fit, it waits for the fit to make the scaler."
-        self._scaler_state = dict(state)
-        if self.scaler is not None and state: self.scaler.load_state_dict(state)
+# %% ../nbs/07_gradients.ipynb #007b6213
+@patch
+def state_dict(self: MixedPrecisionCB):
+    "The `GradScaler`'s state (scale, growth tracker...); empty for bfloat16."
+    return self.scaler.state_dict() if self.scaler is not None else dict(self._scaler_state)
+
+@patch
+def load_state_dict(self: MixedPrecisionCB, state):
+    "Restore what `state_dict` saved; before the first fit, it waits for the fit to make the scaler."
+    self._scaler_state = dict(state)
+    if self.scaler is not None and state: self.scaler.load_state_dict(state)

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['LRFinderCB', 'suggest_lr', 'plot_lr_find', 'preserve_learner', 'lr_find']
 
-# %% ../nbs/08_lr_finder.ipynb #2559f561
+# %% ../nbs/08_lr_finder.ipynb #ac1809fb
 import copy, math, random, warnings
 from contextlib import contextmanager
 import numpy as np
@@ -13,12 +13,13 @@ import torch
 import matplotlib
 import matplotlib.pyplot as plt
 from torch.optim.lr_scheduler import ExponentialLR
+from fastcore.basics import patch
 from .callbacks import *
 from .learner import *
 from .metrics import MetricsCB
 from .schedulers import BaseSchedCB
 
-# %% ../nbs/08_lr_finder.ipynb #5cd14ce9
+# %% ../nbs/08_lr_finder.ipynb #12873d4c
 class LRFinderCB(Callback):
     "Multiply the lr by `lr_mult` after each training batch, recording (lr, loss); stop when the loss is NaN or its average exceeds `max_mult` x its minimum."
     order = -20
@@ -45,16 +46,19 @@ class LRFinderCB(Callback):
         self.min_loss = min(self.min_loss, smooth)
         self.sched.step()
 
-    def state_dict(self):
-        "The curve so far, the moving average and its minimum."
-        return {'lrs': list(self.lrs), 'losses': list(self.losses), 'avg': self.avg, 'min_loss': self.min_loss}
+# %% ../nbs/08_lr_finder.ipynb #528a236e
+@patch
+def state_dict(self: LRFinderCB):
+    "The curve so far, the moving average and its minimum."
+    return {'lrs': list(self.lrs), 'losses': list(self.losses), 'avg': self.avg, 'min_loss': self.min_loss}
 
-    def load_state_dict(self, state):
-        "Restore the curve; the next fit continues it instead of starting a new one."
-        self.lrs, self.losses = list(state['lrs']), list(state['losses'])
-        self.avg, self.min_loss, self._continue = state['avg'], state['min_loss'], True
+@patch
+def load_state_dict(self: LRFinderCB, state):
+    "Restore the curve; the next fit continues it instead of starting a new one."
+    self.lrs, self.losses = list(state['lrs']), list(state['losses'])
+    self.avg, self.min_loss, self._continue = state['avg'], state['min_loss'], True
 
-# %% ../nbs/08_lr_finder.ipynb #7288a90c
+# %% ../nbs/08_lr_finder.ipynb #5b87d188
 def _smooth(xs, k=2):
     "Each value averaged with its `k` neighbours on each side (fewer at the ends): a moving average that does not lag."
     smooth = []
@@ -63,7 +67,7 @@ def _smooth(xs, k=2):
         smooth.append(sum(window) / len(window))
     return smooth
 
-# %% ../nbs/08_lr_finder.ipynb #6fe86de0
+# %% ../nbs/08_lr_finder.ipynb #5c057f0c
 def suggest_lr(lrs, losses, k=2):
     "The lr where the smoothed loss (centred moving average over `2k+1` points) falls the most, before its minimum."
     if not lrs:
@@ -77,7 +81,7 @@ def suggest_lr(lrs, losses, k=2):
     drops = [smooth[i + 1] - smooth[i] for i in range(lowest)]
     return lrs[drops.index(min(drops))]
 
-# %% ../nbs/08_lr_finder.ipynb #c4876ad2
+# %% ../nbs/08_lr_finder.ipynb #343c2956
 def _draws_inline():
     "True where matplotlib draws figures into the notebook: Jupyter and nbdev's test runner."
     return 'inline' in matplotlib.get_backend()
@@ -101,7 +105,7 @@ def plot_lr_find(lrs, losses, suggestion=None, path=None, k=2):
     ax.legend()
     _show_or_save(fig, path)
 
-# %% ../nbs/08_lr_finder.ipynb #d18bd8da
+# %% ../nbs/08_lr_finder.ipynb #30860f07
 def _loader_generators(dls):
     "The `torch.Generator`s that the data loaders of `dls` draw from, if they have their own (loader, sampler, batch sampler)."
     gens = []
@@ -122,6 +126,7 @@ def _rng_state(dls=None):
     if torch.backends.mps.is_available(): state['mps'] = torch.mps.get_rng_state()
     return state
 
+# %% ../nbs/08_lr_finder.ipynb #1ccae515
 def _set_rng_state(state, dls=None):
     "Put back the generators' states saved by `_rng_state`."
     torch.set_rng_state(state['torch'])
@@ -133,7 +138,7 @@ def _set_rng_state(state, dls=None):
     if 'cuda' in state: torch.cuda.set_rng_state_all(state['cuda'])
     if 'mps' in state: torch.mps.set_rng_state(state['mps'])
 
-# %% ../nbs/08_lr_finder.ipynb #64259e6f
+# %% ../nbs/08_lr_finder.ipynb #551f3e17
 def _save_learner(learn):
     "Everything a fit may change, copied."
     model, history = learn.model, getattr(learn, 'history', None)
@@ -144,6 +149,7 @@ def _save_learner(learn):
             'modes': [m.training for m in model.modules()],
             'rngs': _rng_state(learn.dls)}
 
+# %% ../nbs/08_lr_finder.ipynb #57af06b8
 def _restore_learner(learn, saved):
     "Put back what `_save_learner` saved."
     learn.__dict__.clear()
@@ -166,12 +172,16 @@ def preserve_learner(learn):
     try: yield learn
     finally: _restore_learner(learn, saved)
 
-# %% ../nbs/08_lr_finder.ipynb #e3b205ff
+# %% ../nbs/08_lr_finder.ipynb #5e4d8baa
+def _sits_out_search(cb):
+    "Whether `lr_find` sets `cb` aside: the schedules (they steer the lr), `MetricsCB` and every callback ordered after it (they watch)."
+    return isinstance(cb, (BaseSchedCB, MetricsCB)) or cb.order > MetricsCB.order
+
 def lr_find(learn, lr_mult=1.3, start_lr=1e-5, max_epochs=10, max_mult=3, plot=True, plot_path=None):
     "Train with an lr growing from `start_lr` by `lr_mult` per batch until the loss explodes; plot loss vs lr and return a suggested lr. `learn` is left as it was."
     finder = LRFinderCB(lr_mult, max_mult)
     with preserve_learner(learn):
-        learn.remove_cbs([cb for cb in learn.cbs if cb.order > 0 or isinstance(cb, (MetricsCB, BaseSchedCB))])  # the watchers and the schedules
+        learn.remove_cbs([cb for cb in learn.cbs if _sits_out_search(cb)])
         learn.fit(max_epochs, valid=False, cbs=finder, lr=start_lr)
     suggestion = suggest_lr(finder.lrs, finder.losses)
     if plot: plot_lr_find(finder.lrs, finder.losses, suggestion, plot_path)
