@@ -15,7 +15,7 @@ from .learner import *
 from .metrics import atomic_write
 
 # %% ../nbs/09_checkpoint.ipynb #a8a2a97f
-from .lr_finder import _loader_generators, _rng_state, _set_rng_state
+from .lr_finder import loader_generators, rng_state, set_rng_state
 
 # %% ../nbs/09_checkpoint.ipynb #0e72f77d
 _NAME = re.compile(r'ckpt-e(\d+)-b(\d+)\.pt')
@@ -67,7 +67,7 @@ def _fit_info(learn):
     train = getattr(learn.dls, 'train', None)
     return {'n_epochs': learn.n_epochs, 'phases': list(learn.phases), 'optimizer': type(learn.opt).__name__,
             'train_batches': len(train) if hasattr(train, '__len__') else None,
-            'loader_generators': len(_loader_generators(learn.dls))}
+            'loader_generators': len(loader_generators(learn.dls))}
 
 def _training_state(learn, epoch, batch, epoch_rng=None):
     "Everything needed to continue the fit of `learn` after `batch` training batches of `epoch`."
@@ -75,7 +75,7 @@ def _training_state(learn, epoch, batch, epoch_rng=None):
     state = {'format': _FORMAT, 'epoch': epoch, 'batch': batch, 'fit': _fit_info(learn), 'model': model.state_dict(),
              'grads': {n: p.grad for n, p in model.named_parameters() if p.grad is not None},
              'opt': learn.opt.state_dict(), 'cbs': {k: cb.state_dict() for k, cb in _stateful_callbacks(learn.cbs).items()},
-             'history': getattr(learn, 'history', None), 'rng': _rng_state(learn.dls), 'epoch_rng': epoch_rng}
+             'history': getattr(learn, 'history', None), 'rng': rng_state(learn.dls), 'epoch_rng': epoch_rng}
     _check_plain(state, 'the checkpoint')
     return state
 
@@ -127,7 +127,7 @@ class CheckpointCB(Callback):
                              f"to continue that fit add ResumeCB({str(self.path)!r}); to start again, delete them or save elsewhere")
 
     def before_epoch(self, learn):
-        if learn.training: self.epoch_rng = _rng_state(learn.dls)  # the loop draws the epoch's order right after this
+        if learn.training: self.epoch_rng = rng_state(learn.dls)  # the loop draws the epoch's order right after this
 
     def after_batch(self, learn):
         n = self.every_n_batches
@@ -218,14 +218,14 @@ class ResumeCB(Callback):
         learn.opt.load_state_dict(ckpt['opt'])
         _set_grads(getattr(learn.model, 'module', learn.model), ckpt['grads'])
         self.skip, self.rng = ckpt['batch'], ckpt['rng']
-        _set_rng_state(ckpt['epoch_rng'] if self.skip else self.rng, learn.dls)
+        set_rng_state(ckpt['epoch_rng'] if self.skip else self.rng, learn.dls)
 
     def before_batch(self, learn):
         if learn.iter < self.skip: raise CancelBatchException()  # done before the checkpoint: loaded, not computed
 
     def cleanup_batch(self, learn):
         if self.skip and learn.iter == self.skip - 1:  # the last batch done before the checkpoint
-            _set_rng_state(self.rng, learn.dls)
+            set_rng_state(self.rng, learn.dls)
             self.skip = 0
 
     def cleanup_fit(self, learn):
