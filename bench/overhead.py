@@ -5,7 +5,8 @@ repeated; we report the median time per training batch (the whole 3-epoch fit, v
 number of training batches) and the ratio to the hand-written loop:
 - raw: the five steps by hand, plus a validation loop with on-device accuracy and one `.item()` per epoch;
 - learnloop-bare: `TrainLearner` and no callbacks;
-- learnloop-default: `[TrainCB(), DeviceCB(), MetricsCB(accuracy=MulticlassAccuracy()), ProgressCB()]`, output to a null stream.
+- learnloop-default: `[TrainCB(), DeviceCB(), MetricsCB(accuracy=MulticlassAccuracy()), ProgressCB()]`, output to a null stream;
+- default+stats: the default stack plus `ActivationStatsCB()` (a forward hook on each of the three linear layers).
 All variants must end with bitwise-equal weights and the same validation accuracy: otherwise the timing compares
 different work, and the script says so and exits 1.
 
@@ -24,6 +25,7 @@ from learnloop.metrics import MetricsCB
 from learnloop.device import DeviceCB
 from learnloop.progress import ProgressCB
 import learnloop.inference  # Learner.get_preds
+from learnloop.hooks import ActivationStatsCB
 
 EPOCHS, LR, MOM = 3, 0.1, 0.9
 
@@ -61,12 +63,14 @@ def raw(model, dls):
 def bare(model, dls):
     TrainLearner(model, dls, F.cross_entropy, lr=LR, opt_func=partial(optim.SGD, momentum=MOM)).fit(EPOCHS)
 
-def default(model, dls):
-    cbs = [TrainCB(), DeviceCB('cpu'), MetricsCB(accuracy=MulticlassAccuracy()), ProgressCB()]
+def default(model, dls, *extra):
+    cbs = [TrainCB(), DeviceCB('cpu'), MetricsCB(accuracy=MulticlassAccuracy()), ProgressCB(), *extra]
     with open(os.devnull, 'w') as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
         Learner(model, dls, F.cross_entropy, lr=LR, cbs=cbs, opt_func=partial(optim.SGD, momentum=MOM)).fit(EPOCHS)
 
-VARIANTS = {'raw': raw, 'learnloop-bare': bare, 'learnloop-default': default}
+def default_stats(model, dls): default(model, dls, ActivationStatsCB())
+
+VARIANTS = {'raw': raw, 'learnloop-bare': bare, 'learnloop-default': default, 'default+stats': default_stats}
 
 def valid_accuracy(model, ds):
     with torch.no_grad(): return (model(ds.tensors[0]).argmax(dim=1) == ds.tensors[1]).float().mean().item()
