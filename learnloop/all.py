@@ -10,7 +10,7 @@ from functools import partial
 import torch
 from torch import nn, optim
 import torch.nn.functional as F
-from . import callbacks, learner, data, metrics, device, progress, schedulers, stopping, gradients, lr_finder, checkpoint, distributed
+from . import callbacks, learner, data, metrics, device, progress, schedulers, stopping, gradients, lr_finder, checkpoint, distributed, inference, hooks
 from .callbacks import *
 from .learner import *
 from .data import *
@@ -23,8 +23,11 @@ from .gradients import *
 from .lr_finder import *
 from .checkpoint import *
 from .distributed import *
+from .inference import *
+from .hooks import *
 
 # %% ../nbs/90_all.ipynb #fd1d5906
-_modules = [callbacks, learner, data, metrics, device, progress, schedulers, stopping, gradients, lr_finder, checkpoint, distributed]
+_modules = [callbacks, learner, data, metrics, device, progress, schedulers, stopping, gradients, lr_finder, checkpoint,
+            distributed, inference, hooks]
 __all__ = ['partial', 'torch', 'nn', 'optim', 'F']
 for _module in _modules: __all__ += _module.__all__
