@@ -5,12 +5,12 @@
 # %% auto #0
 __all__ = ['def_device', 'to_device', 'DeviceCB', 'ChannelsLastCB']
 
-# %% ../nbs/03_device.ipynb #dd2a15a0
+# %% ../nbs/03_device.ipynb #0e0d0a0c
 import copy
 import torch
 from .callbacks import *
 
-# %% ../nbs/03_device.ipynb #6c6b8060
+# %% ../nbs/03_device.ipynb #f13148eb
 def _find_device():
     "The best device PyTorch can use here: 'cuda', else 'mps' (Apple GPUs), else 'cpu'."
     if torch.cuda.is_available(): return 'cuda'
@@ -19,11 +19,7 @@ def _find_device():
 
 def_device = _find_device()
 
-# %% ../nbs/03_device.ipynb #f360ad65
-def _non_blocking(x, device):
-    "Copy asynchronously only from pinned CPU memory to a CUDA device, the one case where that is safe."
-    return device.type == 'cuda' and x.device.type == 'cpu' and x.is_pinned()
-
+# %% ../nbs/03_device.ipynb #c272a616
 def _rebuild(x, items):
     "A container of the same type as `x` holding `items` (for a dict: its new values, in the order of its keys)."
     if isinstance(x, dict):
@@ -32,6 +28,11 @@ def _rebuild(x, items):
         return out
     if hasattr(x, '_fields'): return type(x)(*items)  # a namedtuple takes its fields as arguments
     return type(x)(items)
+
+# %% ../nbs/03_device.ipynb #5d7601fb
+def _non_blocking(x, device):
+    "Copy asynchronously only from pinned CPU memory to a CUDA device, the one case where that is safe."
+    return device.type == 'cuda' and x.device.type == 'cpu' and x.is_pinned()
 
 def _move(x, device):
     "`to_device` for a `torch.device`: called once per batch, so a tensor already there returns at once."
@@ -44,11 +45,16 @@ def _move(x, device):
     if all(n is o for n, o in zip(new, old)): return x  # nothing moved: no copy
     return _rebuild(x, new)
 
-def to_device(x, device=def_device):
-    "Move every tensor of `x` (a tensor, or lists, tuples, namedtuples, dicts of them, nested) to `device`."
-    return _move(x, torch.device(device))
+# %% ../nbs/03_device.ipynb #d5f12bfd
+def _as_device(device):
+    "`device` as a `torch.device`; None means `def_device`."
+    return torch.device(def_device if device is None else device)
 
-# %% ../nbs/03_device.ipynb #dd3a20c6
+def to_device(x, device=None):
+    "Move every tensor of `x` (a tensor, or lists, tuples, namedtuples, dicts of them, nested) to `device` (None: `def_device`)."
+    return _move(x, _as_device(device))
+
+# %% ../nbs/03_device.ipynb #3602a08d
 def _move_model(learn, *args, **kwargs):
     "`learn.model.to(*args, **kwargs)`, keeping `learn.opt` on the model's parameters even if `to` replaced them."
     old = list(learn.model.parameters())
@@ -59,23 +65,23 @@ def _move_model(learn, *args, **kwargs):
     for group in opt.param_groups:
         group['params'] = [new_of.get(id(p), p) for p in group['params']]
 
-# %% ../nbs/03_device.ipynb #823f4214
+# %% ../nbs/03_device.ipynb #784e059f
 class DeviceCB(Callback):
-    "Move the model to `device` at `before_fit`, and every batch (with `to_device`) at `before_batch`."
-    order = -70  # first: the batch must be on the device before any other callback reads it
-    def __init__(self, device=def_device):
-        self.device = torch.device(device)  # checked now: a typo fails here, not in the middle of a fit
+    "Move the model to `device` (None: `def_device`) at `before_fit`, and every batch (with `to_device`) at `before_batch`."
+    order = -70  # before every callback that reads the batch
+    def __init__(self, device=None):
+        self.device = _as_device(device)  # checked now: a typo fails here, not in the middle of a fit
     def before_fit(self, learn): _move_model(learn, self.device)
     def before_batch(self, learn): learn.batch = _move(learn.batch, self.device)  # self.device is a torch.device
 
-# %% ../nbs/03_device.ipynb #3826ef89
+# %% ../nbs/03_device.ipynb #e4caa3f8
 def _is_image_batch(x):
     "A 4-d floating-point tensor, (N, C, H, W): what channels-last applies to."
     return isinstance(x, torch.Tensor) and x.ndim == 4 and x.is_floating_point()
 
 class ChannelsLastCB(Callback):
     "Put the model's 4-d weights (`before_fit`) and the 4-d float tensors of each batch (`before_batch`) in channels-last format."
-    order = -65  # after DeviceCB: convert on the device
+    order = DeviceCB.order + 5  # after DeviceCB: convert on the device
     def before_fit(self, learn): _move_model(learn, memory_format=torch.channels_last)
     def before_batch(self, learn):
         for i, x in enumerate(learn.batch):
