@@ -6,17 +6,18 @@
 __all__ = ['hyper_names', 'get_hyper', 'set_hyper', 'hypers', 'BaseSchedCB', 'BatchSchedCB', 'EpochSchedCB', 'RecorderCB',
            'fit_one_cycle']
 
-# %% ../nbs/05_schedulers.ipynb #e6a5bda4
+# %% ../nbs/05_schedulers.ipynb #7bb1523f
 import copy
 from functools import partial
 import matplotlib.pyplot as plt
+from fastcore.basics import patch
 from torch.optim.lr_scheduler import OneCycleLR
 from .callbacks import *
 from .learner import *
 from .learner import _as_list
-from .metrics import active_metrics
+from .metrics import MetricsCB, active_metrics
 
-# %% ../nbs/05_schedulers.ipynb #071df533
+# %% ../nbs/05_schedulers.ipynb #4596318b
 _HYPERS = {'lr':   [('lr', None)],                          # (key in the param group, index in a tuple)
            'mom':  [('momentum', None), ('betas', 0)],
            'wd':   [('weight_decay', None)],
@@ -27,6 +28,7 @@ def hyper_names(opt):
     group = opt.param_groups[0]
     return [name for name, places in _HYPERS.items() if any(key in group for key, _ in places)]
 
+# %% ../nbs/05_schedulers.ipynb #ea6ecd50
 def _place(opt, name):
     "The key (and the index in a tuple such as `betas`) where `opt`'s param groups keep the hyper-parameter `name`."
     if name not in _HYPERS: raise ValueError(f"unknown hyper-parameter {name!r}: use one of {', '.join(_HYPERS)}")
@@ -36,6 +38,7 @@ def _place(opt, name):
     raise ValueError(f"{type(opt).__name__} has no {name!r}: it has {', '.join(hyper_names(opt))}. "
                      f"Other settings are in opt.param_groups (keys: {', '.join(keys)})")
 
+# %% ../nbs/05_schedulers.ipynb #020a23d7
 def _group_ids(opt, group):
     "The indices of the param groups that `group` means: all of them if it is None."
     n = len(opt.param_groups)
@@ -44,7 +47,6 @@ def _group_ids(opt, group):
         raise IndexError(f"group={group}, but {type(opt).__name__} has {n} param group(s): use 0 to {n - 1}, or None for all")
     return [group]
 
-# %% ../nbs/05_schedulers.ipynb #8d3571c7
 def get_hyper(opt, name, group=None):
     "The hyper-parameter `name` of `opt`: its value in param group `group`, or a list with one value per group if `group` is None."
     key, i = _place(opt, name)
@@ -52,6 +54,7 @@ def get_hyper(opt, name, group=None):
     if i is not None: values = [v[i] for v in values]
     return values if group is None else values[0]
 
+# %% ../nbs/05_schedulers.ipynb #24c37188
 def set_hyper(opt, name, value, group=None):
     "Set the hyper-parameter `name` of `opt` to `value` in param group `group`, or in every group if None (`value` may then be a list, one per group)."
     key, i = _place(opt, name)
@@ -70,7 +73,7 @@ def hypers(opt, group=0):
     "A dict of the hyper-parameters of `opt`'s param group `group`, by their unified names."
     return {name: get_hyper(opt, name, group) for name in hyper_names(opt)}
 
-# %% ../nbs/05_schedulers.ipynb #e8149b4c
+# %% ../nbs/05_schedulers.ipynb #a5fb64e1
 class BaseSchedCB(Callback):
     "Create the scheduler `sched(learn.opt)` at the start of each fit; subclasses say when to step it (only while training)."
     order = -10
@@ -86,15 +89,6 @@ class BaseSchedCB(Callback):
     def _step(self, learn):
         if learn.training: self.sched.step()
 
-    def state_dict(self):
-        "The torch scheduler's own `state_dict` (empty before the first fit)."
-        return {} if self.sched is None else self.sched.state_dict()
-
-    def load_state_dict(self, state):
-        "Load a `state_dict`: into the running scheduler during a fit, else into the one the next fit creates."
-        if self._fitting: self.sched.load_state_dict(state)
-        else: self._resume = state
-
 class BatchSchedCB(BaseSchedCB):
     "Step the scheduler made by `sched(opt)` after each optimizer step."
     def after_step(self, learn): self._step(learn)
@@ -103,7 +97,7 @@ class EpochSchedCB(BaseSchedCB):
     "Step the scheduler made by `sched(opt)` after each training epoch."
     def after_epoch(self, learn): self._step(learn)
 
-# %% ../nbs/05_schedulers.ipynb #d12b782a
+# %% ../nbs/05_schedulers.ipynb #e47e44fa
 def _history_row(learn):
     "This epoch's row of `learn.history`, if a metrics callback (`learn.metrics`) keeps one in this fit; else None."
     history = getattr(learn, 'history', None)
@@ -112,12 +106,12 @@ def _history_row(learn):
 
 class RecorderCB(Callback):
     "Record hyper-parameters `names` (default: all of lr, mom, wd, beta the optimizer has) of param group `group` at each step, in `learn.recorder`."
-    order = 5  # after MetricsCB (50), which writes the epoch's row of `learn.history` that we add the lr to
+    order = MetricsCB.order + 5  # after MetricsCB, which writes the epoch's row of `learn.history` that we add the lr to
     def __init__(self, *names, group=0): self.names, self.group, self.recorder, self._continue = names, group, {}, False
 
     def before_fit(self, learn):
         if not self._continue: self.recorder = {name: [] for name in self.names or hyper_names(learn.opt)}
-        self._continue = False
+        self._continue = False  # True after load_state_dict (see Saving and resuming)
         learn.recorder = self.recorder
 
     def before_step(self, learn):
@@ -127,24 +121,18 @@ class RecorderCB(Callback):
         row = _history_row(learn)
         if learn.training and row is not None and self.recorder.get('lr'): row['lr'] = self.recorder['lr'][-1]
 
-    def plot(self, names=None):
-        "Plot the recorded hyper-parameters `names` (default: all) against the optimizer step, one panel each."
-        names = names or list(self.recorder)
-        fig, axs = plt.subplots(1, len(names), figsize=(4 * len(names), 3), squeeze=False)
-        for ax, name in zip(axs[0], names):
-            ax.plot(self.recorder[name])
-            ax.set_title(name); ax.set_xlabel('optimizer step')
-        fig.tight_layout()
+# %% ../nbs/05_schedulers.ipynb #acfa05ff
+@patch
+def plot(self: RecorderCB, names=None):
+    "Plot the recorded hyper-parameters `names` (default: all) against the optimizer step, one panel each."
+    names = names or list(self.recorder)
+    fig, axs = plt.subplots(1, len(names), figsize=(4 * len(names), 3), squeeze=False)
+    for ax, name in zip(axs[0], names):
+        ax.plot(self.recorder[name])
+        ax.set_title(name); ax.set_xlabel('optimizer step')
+    fig.tight_layout()
 
-    def state_dict(self):
-        "A copy of the recordings."
-        return {'recorder': copy.deepcopy(self.recorder)}
-
-    def load_state_dict(self, state):
-        "Restore the recordings; the next fit appends to them instead of starting new ones."
-        self.recorder, self._continue = copy.deepcopy(state['recorder']), True
-
-# %% ../nbs/05_schedulers.ipynb #fda4d970
+# %% ../nbs/05_schedulers.ipynb #8ff6b3e4
 def _one_cycle(opt, cycle_momentum=None, **kwargs):
     "Torch's `OneCycleLR` on `opt`; with `cycle_momentum=None`, momentum cycles only if `opt` has a momentum that is not 0."
     if cycle_momentum is None: cycle_momentum = 'mom' in hyper_names(opt) and get_hyper(opt, 'mom', 0) > 0
@@ -161,3 +149,26 @@ def fit_one_cycle(learn, n_epochs, lr_max=None, cbs=None, cycle_momentum=None, *
     learn.fit(n_epochs, cbs=[BatchSchedCB(sched), *_as_list(cbs)])
 
 Learner.fit_one_cycle = fit_one_cycle
+
+# %% ../nbs/05_schedulers.ipynb #c3790933
+@patch
+def state_dict(self: BaseSchedCB):
+    "The torch scheduler's own `state_dict` (empty before the first fit)."
+    return {} if self.sched is None else self.sched.state_dict()
+
+@patch
+def load_state_dict(self: BaseSchedCB, state):
+    "Load a `state_dict`: into the running scheduler during a fit, else into the one the next fit creates."
+    if self._fitting: self.sched.load_state_dict(state)
+    else: self._resume = state
+
+# %% ../nbs/05_schedulers.ipynb #93f6a2ee
+@patch
+def state_dict(self: RecorderCB):
+    "A copy of the recordings."
+    return {'recorder': copy.deepcopy(self.recorder)}
+
+@patch
+def load_state_dict(self: RecorderCB, state):
+    "Restore the recordings; the next fit appends to them instead of starting new ones."
+    self.recorder, self._continue = copy.deepcopy(state['recorder']), True

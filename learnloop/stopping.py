@@ -5,42 +5,18 @@
 # %% auto #0
 __all__ = ['MetricTrackerCB', 'EarlyStoppingCB', 'SaveBestModelCB', 'TerminateOnNaNCB']
 
-# %% ../nbs/06_early_stopping.ipynb #5c352cea
+# %% ../nbs/06_early_stopping.ipynb #c3b6b67d
 import math
 from pathlib import Path
 import torch
+from fastcore.basics import patch
 from .callbacks import *
 from .metrics import atomic_write, _model_device
 
-# %% ../nbs/06_early_stopping.ipynb #cdef267e
-def _n_rows(learn):
-    "The number of rows in `learn.history` (0 when there is none)."
-    history = getattr(learn, 'history', None)
-    return 0 if history is None else len(history)
-
-def _is_last_phase(learn):
-    "True at the end of the epoch's last phase, when the epoch's row of `learn.history` is complete."
-    return learn.phase == learn.phases[-1]
-
-def _read_metric(cb, learn):
-    "The value of `cb.watch_metric` in this epoch's row of `learn.history`, or an error saying what is missing."
-    name = type(cb).__name__
-    if _n_rows(learn) <= cb._rows_seen:
-        raise ValueError(f"{name} reads learn.history, but nothing added a row to it this epoch: add MetricsCB() "
-                         f"to the callbacks (or any callback that appends one dict per epoch to learn.history, "
-                         f"with an order below {cb.order})")
-    row = learn.history[-1]
-    if cb.watch_metric not in row:
-        raise ValueError(f"{name}: watch_metric={cb.watch_metric!r} is not in learn.history[-1]; the available "
-                         f"keys are {', '.join(map(str, row))}. (valid_ metrics need a validation phase; a metric "
-                         f"needs a callback with an order below {cb.order} to record it)")
-    cb._rows_seen = len(learn.history)
-    return float(row[cb.watch_metric])
-
-# %% ../nbs/06_early_stopping.ipynb #54df117b
+# %% ../nbs/06_early_stopping.ipynb #16ca0259
 class MetricTrackerCB(Callback):
     "Read `watch_metric` in `learn.history` after each epoch; keep its best value, that epoch, and the epochs since."
-    order = 20  # after MetricsCB (50), which writes the epoch's row
+    order = 20  # after MetricsCB (0), which writes the epoch's row
     def __init__(self, watch_metric='valid_loss', greater_is_better=False, threshold=0., reset_on_train=True):
         if not threshold >= 0: raise ValueError(f"threshold is an absolute margin: it must be >= 0, got {threshold}")
         self.watch_metric, self.greater_is_better = watch_metric, greater_is_better
@@ -58,34 +34,57 @@ class MetricTrackerCB(Callback):
         change = value - self.best if self.greater_is_better else self.best - value
         return change > self.threshold
 
-    def before_fit(self, learn):
-        if self.reset_on_train and not self._continue: self.reset()
-        self._continue, self._rows_seen = False, _n_rows(learn)
+# %% ../nbs/06_early_stopping.ipynb #fff4d74b
+def _n_rows(learn):
+    "The number of rows in `learn.history` (0 when there is none)."
+    history = getattr(learn, 'history', None)
+    return 0 if history is None else len(history)
 
-    def after_epoch(self, learn):
-        if not _is_last_phase(learn): return
-        value = _read_metric(self, learn)
-        if self.is_improvement(value): self.improved(learn, value)
-        else: self.not_improved(learn, value)
+def _is_last_phase(learn):
+    "True at the end of the epoch's last phase, when the epoch's row of `learn.history` is complete."
+    return learn.phase == learn.phases[-1]
 
-    def improved(self, learn, value):
-        "Called when `value` is an improvement: it becomes the best."
-        self.best, self.best_epoch, self.wait = value, learn.epoch, 0
+# %% ../nbs/06_early_stopping.ipynb #e1ca0df6
+def _read_metric(cb, learn):
+    "The value of `cb.watch_metric` in this epoch's row of `learn.history`, or an error saying what is missing."
+    name = type(cb).__name__
+    if _n_rows(learn) <= cb._rows_seen:
+        raise ValueError(f"{name} reads learn.history, but nothing added a row to it this epoch: add MetricsCB() "
+                         f"to the callbacks (or any callback that appends one dict per epoch to learn.history, "
+                         f"with an order below {cb.order})")
+    row = learn.history[-1]
+    if cb.watch_metric not in row:
+        raise ValueError(f"{name}: watch_metric={cb.watch_metric!r} is not in learn.history[-1]; the available "
+                         f"keys are {', '.join(map(str, row))}. (valid_ metrics need a validation phase; a metric "
+                         f"needs a callback with an order below {cb.order} to record it)")
+    cb._rows_seen = len(learn.history)
+    return float(row[cb.watch_metric])
 
-    def not_improved(self, learn, value):
-        "Called when `value` is not an improvement: one more epoch to wait."
-        self.wait += 1
+# %% ../nbs/06_early_stopping.ipynb #ef4510b9
+@patch
+def before_fit(self: MetricTrackerCB, learn):
+    if self.reset_on_train and not self._continue: self.reset()
+    self._continue, self._rows_seen = False, _n_rows(learn)
 
-    def state_dict(self):
-        "The best value, its epoch, and the epochs since: all a resumed run needs."
-        return {'best': self.best, 'best_epoch': self.best_epoch, 'wait': self.wait}
+@patch
+def after_epoch(self: MetricTrackerCB, learn):
+    if not _is_last_phase(learn): return
+    value = _read_metric(self, learn)
+    if self.is_improvement(value): self.improved(learn, value)
+    else: self.not_improved(learn, value)
 
-    def load_state_dict(self, state):
-        "Restore `state_dict()`; the next fit carries on from it (no reset, whatever `reset_on_train` says)."
-        self.best, self.best_epoch, self.wait = state['best'], state['best_epoch'], state['wait']
-        self._continue = True
+# %% ../nbs/06_early_stopping.ipynb #6c8cd933
+@patch
+def improved(self: MetricTrackerCB, learn, value):
+    "Called when `value` is an improvement: it becomes the best."
+    self.best, self.best_epoch, self.wait = value, learn.epoch, 0
 
-# %% ../nbs/06_early_stopping.ipynb #c2a3e5e5
+@patch
+def not_improved(self: MetricTrackerCB, learn, value):
+    "Called when `value` is not an improvement: one more epoch to wait."
+    self.wait += 1
+
+# %% ../nbs/06_early_stopping.ipynb #d3a42803
 class EarlyStoppingCB(MetricTrackerCB):
     "Stop the fit after `patience` epochs in a row in which `watch_metric` did not improve by more than `threshold`."
     def __init__(self, patience=1, threshold=0.01, watch_metric='valid_loss', greater_is_better=False,
@@ -116,18 +115,12 @@ class EarlyStoppingCB(MetricTrackerCB):
         "Stop at the start of the next epoch: every callback has finished the epoch that made the decision."
         if self.stop_reason: raise CancelFitException(self.stop_reason)
 
-    def state_dict(self): return {**super().state_dict(), 'stop_reason': self.stop_reason}
-
-    def load_state_dict(self, state):
-        super().load_state_dict(state)
-        self.stop_reason = state.get('stop_reason')
-
-# %% ../nbs/06_early_stopping.ipynb #cf5d4fc3
+# %% ../nbs/06_early_stopping.ipynb #5cf8d3b6
 def _atomic_save(obj, path):
     "`torch.save(obj, path)` that never leaves a half-written `path`, with `atomic_write` from `02_metrics`."
     atomic_write(path, lambda f: torch.save(obj, f), mode='wb')
 
-# %% ../nbs/06_early_stopping.ipynb #ca06ab63
+# %% ../nbs/06_early_stopping.ipynb #de9a5898
 class SaveBestModelCB(MetricTrackerCB):
     "Save the weights to `save_path` (atomically) when `watch_metric` improves; load the best back when the fit ends."
     def __init__(self, save_path='best_model.pt', watch_metric='valid_loss', greater_is_better=False,
@@ -143,19 +136,23 @@ class SaveBestModelCB(MetricTrackerCB):
         _atomic_save(learn.model.state_dict(), self.save_path)  # save first: if it fails, the best is unchanged
         super().improved(learn, value)
 
-    def cleanup_fit(self, learn):
-        "However the fit ended (normally, cancelled, error, interrupt), load the best weights back if there are any."
-        in_fit, self._in_fit = self._in_fit, False
-        if not in_fit or self.best_epoch is None: return
-        state = torch.load(self.save_path, map_location=_model_device(learn.model) or 'cpu', weights_only=True)
-        learn.model.load_state_dict(state)
-        print(f"SaveBestModelCB: loaded the weights of epoch {self.best_epoch} "
-              f"({self.watch_metric} {self.best:.4g}) from {self.save_path}")
+# %% ../nbs/06_early_stopping.ipynb #63da4003
+@patch
+def cleanup_fit(self: SaveBestModelCB, learn):
+    "However the fit ended (normally, cancelled, error, interrupt), load the best weights back if there are any."
+    in_fit, self._in_fit = self._in_fit, False
+    if not in_fit or self.best_epoch is None: return
+    state = torch.load(self.save_path, map_location=_model_device(learn.model) or 'cpu', weights_only=True)
+    learn.model.load_state_dict(state)
+    print(f"SaveBestModelCB: loaded the weights of epoch {self.best_epoch} "
+          f"({self.watch_metric} {self.best:.4g}) from {self.save_path}")
 
-# %% ../nbs/06_early_stopping.ipynb #240d33cd
+# %% ../nbs/06_early_stopping.ipynb #fcf6ab0a
 class TerminateOnNaNCB(Callback):
     "Stop the fit at the first loss that is NaN or infinite (training or validation), before it reaches the weights."
     order = -45  # in after_loss, so before backward and step
+    def __init__(self): super().__init__()  # no settings (and show_doc shows `TerminateOnNaNCB()`)
+
     def after_loss(self, learn):
         if torch.isfinite(learn.loss): return  # one device sync per batch
         where = f"epoch {learn.epoch}, batch {learn.iter} ({'training' if learn.training else 'validation'})"
@@ -163,3 +160,24 @@ class TerminateOnNaNCB(Callback):
         msg = f"TerminateOnNaNCB: the loss is {learn.loss.item()} at {where}: {stop}"
         print(msg)
         raise CancelFitException(msg)
+
+# %% ../nbs/06_early_stopping.ipynb #933e5f65
+@patch
+def state_dict(self: MetricTrackerCB):
+    "The best value, its epoch, and the epochs since: all a resumed run needs."
+    return {'best': self.best, 'best_epoch': self.best_epoch, 'wait': self.wait}
+
+@patch
+def load_state_dict(self: MetricTrackerCB, state):
+    "Restore `state_dict()`; the next fit carries on from it (no reset, whatever `reset_on_train` says)."
+    self.best, self.best_epoch, self.wait = state['best'], state['best_epoch'], state['wait']
+    self._continue = True
+
+# %% ../nbs/06_early_stopping.ipynb #85aecd6b
+@patch
+def state_dict(self: EarlyStoppingCB): return {**MetricTrackerCB.state_dict(self), 'stop_reason': self.stop_reason}
+
+@patch
+def load_state_dict(self: EarlyStoppingCB, state):
+    MetricTrackerCB.load_state_dict(self, state)
+    self.stop_reason = state.get('stop_reason')
