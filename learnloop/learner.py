@@ -259,14 +259,21 @@ _LOOP = [(0, 'before_fit'), (1, 'before_epoch'), (2, 'before_batch'), (3, 'predi
          (3, 'step'), (3, 'after_step'), (3, 'zero_grad'), (2, 'after_batch'), (2, 'cleanup_batch'),
          (1, 'after_epoch'), (1, 'cleanup_epoch'), (0, 'after_fit'), (0, 'cleanup_fit')]
 
+def _handler_names(learn, event):
+    "Who runs `event`: a subclass's own step method, else each callback that handles it, with its `order`."
+    if event in STEPS and getattr(type(learn), event) is not getattr(Learner, event):
+        return [f"{type(learn).__name__}.{event}"]
+    names = []
+    for handler in get_handlers(learn.cbs, event):
+        if hasattr(handler, '__self__'):  # a method of a callback
+            names.append(f"{type(handler.__self__).__name__}({handler.__self__.order})")
+        else:
+            names.append(repr(handler))
+    return names
+
 def show_training_loop(learn):
     "Print every event of `learn`'s loop, in order, with the callbacks (and `order`) that handle it."
     for depth, event in _LOOP:
-        if event in STEPS and getattr(type(learn), event) is not getattr(Learner, event):
-            who = [f"{type(learn).__name__}.{event}"]
-        else:
-            who = [f"{type(h.__self__).__name__}({h.__self__.order})" if hasattr(h, '__self__') else repr(h)
-                   for h in get_handlers(learn.cbs, event)]
-        print(f"{'  ' * depth + event:<22} {', '.join(who)}".rstrip())
+        print(f"{'  ' * depth + event:<22} {', '.join(_handler_names(learn, event))}".rstrip())
 
 Learner.show_training_loop = show_training_loop

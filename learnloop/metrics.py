@@ -35,7 +35,7 @@ def _name_metrics(ms, metrics):
 # %% ../nbs/02_metrics.ipynb #ab5db84a
 class MetricsCB(Callback):
     "Compute the mean loss and the torcheval `metrics` of each phase with no sync per batch; record them in `learn.history`."
-    order = 0
+    order = Callback.order  # 0: a callback with `order = MetricsCB.order + 1` sees the phase's numbers
     def __init__(self, *ms, buffer_size=2**20, **metrics):
         self.metrics, self.buffer_size = _name_metrics(ms, metrics), buffer_size
         self.history, self._phase, self._row_epoch = [], None, None
@@ -68,7 +68,10 @@ def after_batch(self: MetricsCB, learn):
     self._sizes.append(len(targs))  # the shape is known on the host: no sync
 
 @patch
-def _clear_buffer(self: MetricsCB): self._preds, self._targs, self._losses, self._sizes, self._buffered = [], [], [], [], 0
+def _clear_buffer(self: MetricsCB):
+    "Empty the buffer of the phase's predictions, targets, losses and batch sizes."
+    self._preds, self._targs, self._losses, self._sizes = [], [], [], []
+    self._buffered = 0  # the number of prediction values in the buffer
 
 # %% ../nbs/02_metrics.ipynb #f4185cf8
 def _update_metrics(metrics, preds, targs):
