@@ -11,12 +11,12 @@ from pathlib import Path
 import torch
 from fastcore.basics import patch
 from .callbacks import *
-from .metrics import atomic_write, _model_device
+from .metrics import MetricsCB, atomic_write, _model_device
 
 # %% ../nbs/06_early_stopping.ipynb #16ca0259
 class MetricTrackerCB(Callback):
     "Read `watch_metric` in `learn.history` after each epoch; keep its best value, that epoch, and the epochs since."
-    order = 20  # after MetricsCB (0), which writes the epoch's row
+    order = MetricsCB.order + 20  # after MetricsCB, which writes the epoch's row
     def __init__(self, watch_metric='valid_loss', greater_is_better=False, threshold=0., reset_on_train=True):
         if not threshold >= 0: raise ValueError(f"threshold is an absolute margin: it must be >= 0, got {threshold}")
         self.watch_metric, self.greater_is_better = watch_metric, greater_is_better
