@@ -35,6 +35,7 @@ def _tilde(path):
     "`path` as text, with the home folder written `~`."
     return str(path).replace(str(Path.home()), '~', 1)
 
+# %% ../nbs/91_demo.ipynb #1c8ccb78
 def _description():
     "The text of `learnloop-demo --help` above the options, in paragraphs."
     places = ['the folder named by $LEARNLOOP_DATA', *map(_tilde, FASHION_DIRS), _tilde(fashion_cache_dir())]

@@ -55,7 +55,7 @@ def _is_activation(m): return type(m).__module__ == 'torch.nn.modules.activation
 
 class ActivationStatsCB(Callback):
     "Mean, std and histogram of each hooked module's output, per training batch, kept on the device: `means`, `stds`, `hists`."
-    order = 1  # after the metrics (0): lr_find sets it aside
+    order = Callback.order + 1  # after the metrics (order 0): it only watches, so lr_find sets it aside
     def __init__(self, modules=None, bins=40, range=(0, 10), phases=('train',), activations=False):
         self.modules, self.bins, self.range, self.phases, self.activations = modules, bins, range, phases, activations
         self.done, self.rows, self._continue, self._current, self.hooks = None, [], False, {}, []
