@@ -258,6 +258,7 @@ def _shape(o):
     if isinstance(o, (tuple, list)): return '(' + ', '.join(_shape(x) for x in o) + ')'
     return type(o).__name__
 
+# %% ../nbs/11_inference.ipynb #9195a6e7
 @patch
 def summary(self: Learner, dl=None):
     "Send one batch of `dl` (default `dls.valid`, else `dls.train`) through the model: a `Summary` of each layer."
@@ -395,6 +396,7 @@ def _gather_in_order(x, world):
     for rank, p in enumerate(parts): out[rank::world] = p
     return out
 
+# %% ../nbs/11_inference.ipynb #78cbae75
 @patch
 def after_inference(self: DistributedCB, learn):
     "Replace this process's results by everyone's, in dataset order."
