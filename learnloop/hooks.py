@@ -6,7 +6,7 @@
 __all__ = ['Hook', 'Hooks', 'modules_with_params', 'HooksCB', 'ActivationStatsCB', 'GradStatsCB']
 
 # %% ../nbs/12_hooks.ipynb #76843338
-import math
+import functools, math
 from functools import partial
 import torch
 from torch import nn
@@ -58,7 +58,7 @@ class ActivationStatsCB(Callback):
     order = Callback.order + 1  # after the metrics (order 0): it only watches, so lr_find sets it aside
     def __init__(self, modules=None, bins=40, range=(0, 10), phases=('train',), activations=False):
         self.modules, self.bins, self.range, self.phases, self.activations = modules, bins, range, phases, activations
-        self.done, self.rows, self._continue, self._current, self.hooks = None, [], False, {}, []
+        self.done, self.rows, self.sizes, self._continue, self._current, self.hooks = None, [], [], False, {}, []
 
     def _modules(self, model):
         if self.modules is not None: return list(self.modules)
@@ -66,35 +66,61 @@ class ActivationStatsCB(Callback):
         return [m for m in model.modules() if m in layers or (self.activations and _is_activation(m))]
 
 # %% ../nbs/12_hooks.ipynb #cccdacfe
+@functools.lru_cache(maxsize=8)
+def _bin_offsets(sizes, bins, device):
+    "For outputs of `sizes` elements put end to end: the first bin of each output's own histogram, for each element."
+    return torch.repeat_interleave(torch.arange(len(sizes), device=device) * (bins + 2.), torch.tensor(sizes, device=device))
+
+def _histograms(x, sizes, bins, lo, hi):
+    "The histograms of the outputs of `sizes` elements put end to end in `x`: counts in `bins` bins over [lo, hi)."
+    width = (hi - lo) / bins
+    pos = x.sub_(lo - width).mul_(1 / width).clamp_(0, bins + 1)  # 0: below lo, 1 to bins: the bins, bins + 1: above
+    pos += _bin_offsets(sizes, bins, x.device)  # one histogram per output, in one bincount
+    counts = torch.bincount(pos.to(torch.int32), minlength=len(sizes) * (bins + 2)).view(len(sizes), bins + 2)
+    return counts[:, 1:bins + 1]
+
 @patch
 def _record(self: ActivationStatsCB, hook, module, inputs, output):
     if hook.learn.phase not in self.phases: return
-    x = output.detach().float()
-    hist = x.abs().histc(self.bins, *self.range)
-    self._current[hook.index] = torch.cat([torch.stack([x.mean(), x.std()]), hist / x.numel()])
+    x = output.detach().reshape(-1).float()
+    self._current[hook.index] = (x.sum(), x.dot(x), x)
 
 @patch
 def before_fit(self: ActivationStatsCB, learn):
-    if not self._continue: self.done, self.rows = None, []  # a new fit starts afresh, unless a checkpoint was loaded
+    if not self._continue: self.done, self.rows, self.sizes = None, [], []  # afresh, unless a checkpoint was loaded
     self._continue, self._current = False, {}
     self.names = [f'{i} {type(m).__name__}' for i, m in enumerate(self._modules(learn.model))]
     self.hooks = Hooks(self._modules(learn.model), self._record)
     for i, h in enumerate(self.hooks): h.learn, h.index = learn, i
 
+# %% ../nbs/12_hooks.ipynb #7f334a5e
 @patch
 def after_predict(self: ActivationStatsCB, learn):
-    if len(self._current) == len(self.hooks): self.rows.append(torch.stack([self._current[i] for i in range(len(self.hooks))]))
-    self._current = {}
+    "All the hooked modules have run: their sums and histograms become one row, on the device; the sizes stay on the host."
+    if len(self._current) < len(self.hooks): return self._current.clear()
+    sums, squares, outputs = zip(*(self._current[i] for i in range(len(self.hooks))))
+    sizes = tuple(len(x) for x in outputs)
+    hists = _histograms(torch.cat(outputs).abs_(), sizes, self.bins, *self.range)
+    moments = torch.stack(sums + squares).view(2, -1).T  # modules x (sum, sum of squares)
+    self.rows.append(torch.cat([moments, hists.float()], 1))
+    self.sizes.append(sizes)
+    self._current = {}  # no output is kept beyond its batch
 
 @patch
 def cleanup_fit(self: ActivationStatsCB, learn): self.hooks.remove()
 
 # %% ../nbs/12_hooks.ipynb #fa3da2c6
+def _from_sums(rows, n):
+    "Rows of (sum, sum of squares, counts) of `n` numbers each -> (mean, standard deviation, fractions)."
+    mean = rows[..., :1] / n
+    std = ((rows[..., 1:2] - rows[..., :1] * mean) / (n - 1)).clamp(min=0).sqrt()
+    return torch.cat([mean, std, rows[..., 2:] / n], -1)
+
 @patch(as_prop=True)
 def stats(self: ActivationStatsCB):
     "All the rows, as one CPU tensor `modules x batches x (2 + bins)`: one transfer."
     parts = [] if self.done is None else [self.done]
-    if self.rows: parts.append(torch.stack(self.rows, dim=1).cpu())
+    if self.rows: parts.append(_from_sums(torch.stack(self.rows, dim=1).cpu(), torch.tensor(self.sizes).T[..., None]))
     return torch.cat(parts, dim=1) if parts else torch.zeros(len(getattr(self, 'names', [])), 0, 2 + self.bins)
 
 @patch(as_prop=True)
@@ -111,7 +137,7 @@ def state_dict(self: ActivationStatsCB): return {'stats': self.stats}
 @patch
 def load_state_dict(self: ActivationStatsCB, state):
     "Keep the loaded rows; the next fit continues them (new rows are appended)."
-    self.done, self.rows, self._continue = state['stats'].clone(), [], True
+    self.done, self.rows, self.sizes, self._continue = state['stats'].clone(), [], [], True
 
 # %% ../nbs/12_hooks.ipynb #46cbdcfe
 @patch
