@@ -79,6 +79,7 @@ def _histograms(x, sizes, bins, lo, hi):
     counts = torch.bincount(pos.to(torch.int32), minlength=len(sizes) * (bins + 2)).view(len(sizes), bins + 2)
     return counts[:, 1:bins + 1]
 
+# %% ../nbs/12_hooks.ipynb #793787b1
 @patch
 def _record(self: ActivationStatsCB, hook, module, inputs, output):
     if hook.learn.phase not in self.phases: return
