@@ -38,6 +38,12 @@ for _cb_class in (DeviceCB, ChannelsLastCB, MixedPrecisionCB):
     _cb_class.inference = True
     _cb_class.before_inference = _cb_class.before_fit
 
+@patch
+def before_inference(self: DeviceCB, learn):
+    "Move the model to the device, unless it is there already (a move costs even when it changes nothing)."
+    first = next(learn.model.parameters(), None)
+    if first is None or first.device != self.device: self.before_fit(learn)
+
 # %% ../nbs/11_inference.ipynb #483b9fb2
 @contextmanager
 def _inference_state(learn, dl):
