@@ -180,20 +180,6 @@ def zero_grad(self: Learner):
 
 # %% ../nbs/01_learner.ipynb #30cc9f8a
 @patch
-def add_cbs(self: Learner, cbs):
-    "Add a callback or a list of callbacks (instances, each at most once)."
-    cbs = _as_list(cbs)
-    _check_new_cbs(cbs, self.cbs)
-    self.cbs += cbs
-    self._handlers = {}
-
-@patch
-def remove_cbs(self: Learner, cbs):
-    "Remove a callback or a list of callbacks."
-    for cb in _as_list(cbs): self.cbs.remove(cb)
-    self._handlers = {}
-
-@patch
 def callback(self: Learner, event):
     "Run `event` (any name, so you may invent events) on every callback that has a method of that name."
     handlers = self._handlers.get(event)
@@ -214,6 +200,20 @@ def _check_new_cbs(new, current):
             raise TypeError(f"{cb.__name__} is a class: pass an instance, e.g. cbs=[{cb.__name__}()]")
         if any(cb is o for o in current) or any(cb is o for o in new[:i]):
             raise ValueError(f"the callback {cb!r} was added twice: a callback instance can be added only once")
+
+@patch
+def add_cbs(self: Learner, cbs):
+    "Add a callback or a list of callbacks (instances, each at most once)."
+    cbs = _as_list(cbs)
+    _check_new_cbs(cbs, self.cbs)
+    self.cbs += cbs
+    self._handlers = {}
+
+@patch
+def remove_cbs(self: Learner, cbs):
+    "Remove a callback or a list of callbacks."
+    for cb in _as_list(cbs): self.cbs.remove(cb)
+    self._handlers = {}
 
 # %% ../nbs/01_learner.ipynb #c2a8d2cf
 class TrainCB(Callback):
