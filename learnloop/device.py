@@ -29,11 +29,13 @@ def _rebuild(x, items):
     if hasattr(x, '_fields'): return type(x)(*items)  # a namedtuple takes its fields as arguments
     return type(x)(items)
 
-# %% ../nbs/03_device.ipynb #5d7601fb
+# %% ../nbs/03_device.ipynb #a9cd1ec7
 def _non_blocking(x, device):
     "Copy asynchronously only from pinned CPU memory to a CUDA device, the one case where that is safe."
     return device.type == 'cuda' and x.device.type == 'cpu' and x.is_pinned()
 
+
+# %% ../nbs/03_device.ipynb #5d7601fb
 def _move(x, device):
     "`to_device` for a `torch.device`: called once per batch, so a tensor already there returns at once."
     if isinstance(x, torch.Tensor):

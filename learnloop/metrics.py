@@ -101,12 +101,20 @@ def to_cpu(x):
     if isinstance(x, (list, tuple)): return type(x)(to_cpu(o) for o in x)
     return x
 
-# %% ../nbs/02_metrics.ipynb #8dc1e629
+# %% ../nbs/02_metrics.ipynb #f9ddf0bb
 def _as_number(v):
     "A metric's result as a Python float (a list of floats for a metric with several values)."
     if not isinstance(v, torch.Tensor): return v
     return v.item() if v.numel() == 1 else v.tolist()
 
+def _fmt(v):
+    "A value formatted for the log."
+    if isinstance(v, float): return f'{v:.4f}'
+    if isinstance(v, list): return '[' + ', '.join(_fmt(o) for o in v) + ']'
+    return str(v)
+
+
+# %% ../nbs/02_metrics.ipynb #8dc1e629
 @patch
 def _compute(self: MetricsCB):
     "The phase's mean loss and metrics as Python numbers: the phase's only syncs."
@@ -130,12 +138,6 @@ def after_epoch(self: MetricsCB, learn):
     self._log({**d, 'epoch': learn.epoch, 'train': 'train' if learn.training else 'eval'})
 
 # %% ../nbs/02_metrics.ipynb #4a41e810
-def _fmt(v):
-    "A value formatted for the log."
-    if isinstance(v, float): return f'{v:.4f}'
-    if isinstance(v, list): return '[' + ', '.join(_fmt(o) for o in v) + ']'
-    return str(v)
-
 @patch
 def _log(self: MetricsCB, d):
     "Print a phase's formatted values `d` (plus `epoch` and `train`) as one aligned line. Replace it to log elsewhere."
