@@ -38,7 +38,7 @@ def _place(opt, name):
     raise ValueError(f"{type(opt).__name__} has no {name!r}: it has {', '.join(hyper_names(opt))}. "
                      f"Other settings are in opt.param_groups (keys: {', '.join(keys)})")
 
-# %% ../nbs/05_schedulers.ipynb #020a23d7
+# %% ../nbs/05_schedulers.ipynb #8c67482f
 def _group_ids(opt, group):
     "The indices of the param groups that `group` means: all of them if it is None."
     n = len(opt.param_groups)
@@ -47,6 +47,7 @@ def _group_ids(opt, group):
         raise IndexError(f"group={group}, but {type(opt).__name__} has {n} param group(s): use 0 to {n - 1}, or None for all")
     return [group]
 
+# %% ../nbs/05_schedulers.ipynb #020a23d7
 def get_hyper(opt, name, group=None):
     "The hyper-parameter `name` of `opt`: its value in param group `group`, or a list with one value per group if `group` is None."
     key, i = _place(opt, name)
@@ -97,13 +98,14 @@ class EpochSchedCB(BaseSchedCB):
     "Step the scheduler made by `sched(opt)` after each training epoch."
     def after_epoch(self, learn): self._step(learn)
 
-# %% ../nbs/05_schedulers.ipynb #e47e44fa
+# %% ../nbs/05_schedulers.ipynb #cd86b024
 def _history_row(learn):
     "This epoch's row of `learn.history`, if a metrics callback (`learn.metrics`) keeps one in this fit; else None."
     history = getattr(learn, 'history', None)
     if not history or active_metrics(learn) is None: return None
     return history[-1] if history[-1].get('epoch') == learn.epoch else None
 
+# %% ../nbs/05_schedulers.ipynb #e47e44fa
 class RecorderCB(Callback):
     "Record hyper-parameters `names` (default: all of lr, mom, wd, beta the optimizer has) of param group `group` at each step, in `learn.recorder`."
     order = MetricsCB.order + 5  # after MetricsCB, which writes the epoch's row of `learn.history` that we add the lr to
