@@ -51,12 +51,13 @@ class GradientAccumulationCB(Callback):
         "Restore the open group saved by `state_dict`."
         for k, v in state.items(): setattr(self, k, v)
 
-# %% ../nbs/07_gradients.ipynb #61b0c93b
+# %% ../nbs/07_gradients.ipynb #f2c0580e
 def _batches_left(learn):
     "How many batches of this epoch are left, counting the current one; None when `learn.dl` has no length."
     try: return len(learn.dl) - learn.iter
     except TypeError: return None
 
+# %% ../nbs/07_gradients.ipynb #61b0c93b
 @patch
 def _group_batches(self: GradientAccumulationCB, learn):
     "How many batches the current group has: planned at its first batch, `n` or the batches left in the epoch."
@@ -178,13 +179,14 @@ def _leave_autocast(self: MixedPrecisionCB):
         self.autocast.__exit__(None, None, None)
         self.autocasting = False
 
-# %% ../nbs/07_gradients.ipynb #51fdbf85
+# %% ../nbs/07_gradients.ipynb #267dcaa6
 def _grads_are_finite(opt):
     "Whether every gradient of `opt`'s parameters is free of inf and NaN (one host sync)."
     grads = [p.grad for group in opt.param_groups for p in group['params'] if p.grad is not None]
     if not grads: return True
     return bool(torch.stack([g.isfinite().all() for g in grads]).all())
 
+# %% ../nbs/07_gradients.ipynb #51fdbf85
 @patch
 def before_step(self: MixedPrecisionCB, learn):
     if self.scaler is None: return
