@@ -82,7 +82,7 @@ def suggest_lr(lrs, losses, k=2):
     drops = [smooth[i + 1] - smooth[i] for i in range(lowest)]
     return lrs[drops.index(min(drops))]
 
-# %% ../nbs/08_lr_finder.ipynb #343c2956
+# %% ../nbs/08_lr_finder.ipynb #22285ae3
 def _draws_inline():
     "True where matplotlib draws figures into the notebook: Jupyter and nbdev's test runner."
     return 'inline' in matplotlib.get_backend()
@@ -96,6 +96,7 @@ def _show_or_save(fig, path=None):
     if _draws_inline(): plt.show()
     else: plt.close(fig)
 
+# %% ../nbs/08_lr_finder.ipynb #343c2956
 def plot_lr_find(lrs, losses, suggestion=None, path=None, k=2):
     "Plot `losses` (and their smoothed curve) against `lrs` on a log axis, marking `suggestion`; show it in Jupyter, else save it."
     fig, ax = plt.subplots(figsize=(6, 4))
