@@ -41,7 +41,7 @@ class CancelStepException(Exception):
 
 CANCEL_EXCEPTIONS = (CancelFitException, CancelEpochException, CancelBatchException, CancelStepException)
 
-# %% ../nbs/00_callbacks.ipynb #8d9ff972
+# %% ../nbs/00_callbacks.ipynb #944fe570
 def _add_context(e, handler, event):
     "Add the callback's class and the event to the message of `e`, once."
     if getattr(e, '_learnloop_where', None): return
@@ -50,6 +50,8 @@ def _add_context(e, handler, event):
     msg = str(e.args[0]) if e.args else ''
     e.args = (f"{msg} [raised in callback {where}]".lstrip(),) + tuple(e.args[1:])
 
+
+# %% ../nbs/00_callbacks.ipynb #8d9ff972
 def call_handlers(handlers, event, learn=None):
     "Call each of `handlers` with `learn`; an error is re-raised with the callback and `event` named in its message."
     for handler in handlers:

@@ -17,7 +17,7 @@ from torch.utils.data.distributed import DistributedSampler
 from .callbacks import *
 from .metrics import MetricsCB, active_metrics, to_cpu
 
-# %% ../nbs/10_distributed.ipynb #7c64855d
+# %% ../nbs/10_distributed.ipynb #f094a6e7
 _TORCHRUN_VARS = ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT')
 
 def _launched_by_torchrun(env=None):
@@ -29,6 +29,8 @@ def _is_distributed():
     "Whether this process belongs to an initialised process group."
     return dist.is_available() and dist.is_initialized()
 
+
+# %% ../nbs/10_distributed.ipynb #7c64855d
 def init_distributed(backend=None, timeout=600):
     "Join the process group when launched by `torchrun` (NCCL on GPUs, gloo on CPUs); return whether there is one."
     if _is_distributed(): return True
@@ -39,6 +41,8 @@ def init_distributed(backend=None, timeout=600):
     dist.init_process_group(backend, timeout=timeout)  # then a collective waits at most `timeout` for the others
     return True
 
+
+# %% ../nbs/10_distributed.ipynb #d83945fd
 def is_main_process():
     "True in the process of rank 0, and in a process that is not part of a process group."
     return not _is_distributed() or dist.get_rank() == 0
@@ -46,6 +50,7 @@ def is_main_process():
 def num_processes():
     "The number of processes training together: the size of the process group, or 1."
     return dist.get_world_size() if _is_distributed() else 1
+
 
 # %% ../nbs/10_distributed.ipynb #6e73d4cb
 class _ShardSampler(Sampler):
@@ -92,11 +97,13 @@ def _check_plans(plans):
                      f"other:\n{ranks}\nEvery process must run the same script on the same data (the same dataset "
                      f"length and batch size, at least one validation sample per process) with the same fit arguments")
 
-# %% ../nbs/10_distributed.ipynb #8639e740
+# %% ../nbs/10_distributed.ipynb #4fcf9217
 def _comm_device():
     "Where the tensors of a collective must be: the current GPU for NCCL, the CPU for gloo."
     return torch.device('cuda', torch.cuda.current_device()) if dist.get_backend() == 'nccl' else torch.device('cpu')
 
+
+# %% ../nbs/10_distributed.ipynb #8639e740
 def _merge_ranks(metric):
     "Give the torcheval `metric` the merged state of every rank's copy, merged in rank order: the same bits everywhere."
     states = [None] * dist.get_world_size()
@@ -208,6 +215,8 @@ def before_epoch(self: DistributedCB, learn):
 def cleanup_epoch(self: DistributedCB, learn):
     if self.active and learn.training: self.train_epochs += 1
 
+
+# %% ../nbs/10_distributed.ipynb #7bd605be
 @patch
 def before_step(self: DistributedCB, learn):
     if isinstance(learn.model, _DDP) and not learn.model.require_backward_grad_sync:
