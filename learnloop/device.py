@@ -29,7 +29,7 @@ def _rebuild(x, items):
     if hasattr(x, '_fields'): return type(x)(*items)  # a namedtuple takes its fields as arguments
     return type(x)(items)
 
-# %% ../nbs/03_device.ipynb #a9cd1ec7
+# %% ../nbs/03_device.ipynb #6530b149
 def _non_blocking(x, device):
     "Copy asynchronously only from pinned CPU memory to a CUDA device, the one case where that is safe."
     return device.type == 'cuda' and x.device.type == 'cpu' and x.is_pinned()
