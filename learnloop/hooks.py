@@ -68,15 +68,15 @@ class ActivationStatsCB(Callback):
 # %% ../nbs/12_hooks.ipynb #cccdacfe
 @functools.lru_cache(maxsize=8)
 def _bin_offsets(sizes, bins, device):
-    "For outputs of `sizes` elements put end to end: the first bin of each output's own histogram, for each element."
-    return torch.repeat_interleave(torch.arange(len(sizes), device=device) * (bins + 2.), torch.tensor(sizes, device=device))
+    "For outputs of `sizes` elements put end to end: where each output's own histogram starts, for each element."
+    starts = torch.arange(len(sizes), device=device, dtype=torch.int32) * (bins + 2) + 1  # + 1: bin -1 is "below lo"
+    return torch.repeat_interleave(starts, torch.tensor(sizes, device=device))
 
 def _histograms(x, sizes, bins, lo, hi):
-    "The histograms of the outputs of `sizes` elements put end to end in `x`: counts in `bins` bins over [lo, hi)."
-    width = (hi - lo) / bins
-    pos = x.sub_(lo - width).mul_(1 / width).clamp_(0, bins + 1)  # 0: below lo, 1 to bins: the bins, bins + 1: above
+    "The histograms of the outputs of `sizes` elements put end to end in `x`: what `histc(bins, lo, hi)` counts for each."
+    pos = (x - lo).mul_(bins / (hi - lo)).floor_().clamp_(-1, bins).to(torch.int32)  # -1: below lo, bins: hi and above
     pos += _bin_offsets(sizes, bins, x.device)  # one histogram per output, in one bincount
-    counts = torch.bincount(pos.to(torch.int32), minlength=len(sizes) * (bins + 2)).view(len(sizes), bins + 2)
+    counts = torch.bincount(pos, minlength=len(sizes) * (bins + 2)).view(len(sizes), bins + 2)
     return counts[:, 1:bins + 1]
 
 # %% ../nbs/12_hooks.ipynb #793787b1
