@@ -90,8 +90,9 @@ def _record(self: ActivationStatsCB, hook, module, inputs, output):
 def before_fit(self: ActivationStatsCB, learn):
     if not self._continue: self.done, self.rows, self.sizes = None, [], []  # afresh, unless a checkpoint was loaded
     self._continue, self._current = False, {}
-    self.names = [f'{i} {type(m).__name__}' for i, m in enumerate(self._modules(learn.model))]
-    self.hooks = Hooks(self._modules(learn.model), self._record)
+    modules = self._modules(learn.model)
+    self.names = [f'{i} {type(m).__name__}' for i, m in enumerate(modules)]
+    self.hooks = Hooks(modules, self._record)
     for i, h in enumerate(self.hooks): h.learn, h.index = learn, i
 
 # %% ../nbs/12_hooks.ipynb #7f334a5e
