@@ -10,10 +10,11 @@ from functools import partial
 import torch
 from torch import nn, optim
 import torch.nn.functional as F
-from . import callbacks, learner, data, metrics, device, progress, schedulers, stopping, gradients, lr_finder, checkpoint, distributed, inference, hooks
+from . import callbacks, learner, data, utils, metrics, device, progress, schedulers, stopping, gradients, lr_finder, checkpoint, distributed, inference, hooks
 from .callbacks import *
 from .learner import *
 from .data import *
+from .utils import *
 from .metrics import *
 from .device import *
 from .progress import *
@@ -27,7 +28,7 @@ from .inference import *
 from .hooks import *
 
 # %% ../nbs/90_all.ipynb #fd1d5906
-_modules = [callbacks, learner, data, metrics, device, progress, schedulers, stopping, gradients, lr_finder, checkpoint,
+_modules = [callbacks, learner, data, utils, metrics, device, progress, schedulers, stopping, gradients, lr_finder, checkpoint,
             distributed, inference, hooks]
 __all__ = ['partial', 'torch', 'nn', 'optim', 'F']
 for _module in _modules: __all__ += _module.__all__

@@ -13,10 +13,10 @@ import torch
 from fastcore.basics import patch
 from .callbacks import *
 from .learner import *
-from .metrics import atomic_write
+from .utils import atomic_write
 
 # %% ../nbs/09_checkpoint.ipynb #1d3a892a
-from .lr_finder import loader_generators, rng_state, set_rng_state
+from .utils import loader_generators, rng_state, set_rng_state
 
 # %% ../nbs/09_checkpoint.ipynb #8c34c41a
 _NAME = re.compile(r'ckpt-e(\d+)-b(\d+)\.pt')

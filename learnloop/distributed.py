@@ -15,7 +15,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, IterableDataset, RandomSampler, Sampler, SequentialSampler
 from torch.utils.data.distributed import DistributedSampler
 from .callbacks import *
-from .metrics import MetricsCB, active_metrics, to_cpu
+from .metrics import MetricsCB, active_metrics
+from .utils import to_cpu
 
 # %% ../nbs/10_distributed.ipynb #f094a6e7
 _TORCHRUN_VARS = ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT')

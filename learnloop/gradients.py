@@ -11,7 +11,7 @@ from torch import nn
 from fastcore.basics import patch
 from .callbacks import *
 from .learner import *
-from .metrics import _model_device
+from .utils import model_device
 
 # %% ../nbs/07_gradients.ipynb #85044e10
 class GradientClippingCB(Callback):
@@ -142,8 +142,8 @@ class MixedPrecisionCB(Callback):
         self.autocast, self.autocasting, self.hooked = None, False, None
 
     def before_fit(self, learn):
-        model_device = _model_device(learn.model)  # after DeviceCB (-70) has moved the model
-        device = self.device_type or (model_device.type if model_device is not None else 'cpu')
+        on = model_device(learn.model)  # after DeviceCB (-70) has moved the model
+        device = self.device_type or (on.type if on is not None else 'cpu')
         self.autocast = torch.autocast(device, dtype=self.dtype)
         if self.dtype == torch.float16 and device != self.scaler_device:
             state = self.state_dict()  # the scale learned (or loaded) so far carries over to the new scaler

@@ -19,10 +19,11 @@ import matplotlib.pyplot as plt
 from fastcore.basics import patch
 from .callbacks import *
 from .learner import *
-from .metrics import MetricsCB, atomic_write, to_cpu
+from .metrics import MetricsCB
+from .utils import atomic_write, to_cpu
 from .device import DeviceCB, ChannelsLastCB
 from .gradients import MixedPrecisionCB
-from .lr_finder import rng_state, set_rng_state
+from .utils import rng_state, set_rng_state
 from .distributed import DistributedCB, num_processes
 
 # %% ../nbs/11_inference.ipynb #c7afd3b2

@@ -15,7 +15,8 @@ from fastprogress.fastprogress import NBMasterBar, NBProgressBar, ConsoleMasterB
 from matplotlib.figure import Figure
 from .callbacks import *
 from .learner import *
-from .metrics import MetricsCB, atomic_write, active_metrics
+from .metrics import MetricsCB, active_metrics
+from .utils import atomic_write
 
 # %% ../nbs/04_progress.ipynb #5393b84b
 class _RedrawHook:

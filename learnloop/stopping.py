@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 from fastcore.basics import patch
 from .callbacks import *
-from .metrics import MetricsCB, atomic_write, _model_device
+from .metrics import MetricsCB
+from .utils import atomic_write, model_device
 
 # %% ../nbs/06_early_stopping.ipynb #16ca0259
 class MetricTrackerCB(Callback):
@@ -117,7 +118,7 @@ class EarlyStoppingCB(MetricTrackerCB):
 
 # %% ../nbs/06_early_stopping.ipynb #5cf8d3b6
 def _atomic_save(obj, path):
-    "`torch.save(obj, path)` that never leaves a half-written `path`, with `atomic_write` from `02_metrics`."
+    "`torch.save(obj, path)` that never leaves a half-written `path`, with `atomic_write` from `01b_utils`."
     atomic_write(path, lambda f: torch.save(obj, f), mode='wb')
 
 # %% ../nbs/06_early_stopping.ipynb #de9a5898
@@ -142,7 +143,7 @@ def cleanup_fit(self: SaveBestModelCB, learn):
     "However the fit ended (normally, cancelled, error, interrupt), load the best weights back if there are any."
     in_fit, self._in_fit = self._in_fit, False
     if not in_fit or self.best_epoch is None: return
-    state = torch.load(self.save_path, map_location=_model_device(learn.model) or 'cpu', weights_only=True)
+    state = torch.load(self.save_path, map_location=model_device(learn.model) or 'cpu', weights_only=True)
     learn.model.load_state_dict(state)
     print(f"SaveBestModelCB: loaded the weights of epoch {self.best_epoch} "
           f"({self.watch_metric} {self.best:.4g}) from {self.save_path}")
