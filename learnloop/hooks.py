@@ -73,8 +73,12 @@ def _bin_offsets(sizes, bins, device):
     return torch.repeat_interleave(starts, torch.tensor(sizes, device=device))
 
 def _histograms(x, sizes, bins, lo, hi):
-    "The histograms of the outputs of `sizes` elements put end to end in `x`: what `histc(bins, lo, hi)` counts for each."
-    pos = (x - lo).mul_(bins / (hi - lo)).floor_().clamp_(-1, bins).to(torch.int32)  # -1: below lo, bins: hi and above
+    "For outputs of `sizes` elements put end to end in `x`: what `histc(bins, lo, hi)` counts of each one's absolute values. Overwrites `x`."
+    x = x.abs_().nan_to_num_(nan=hi)  # NaN lands above the range: not counted, as in histc
+    if lo != 0: x.sub_(lo)
+    x.mul_(bins / (hi - lo))
+    if lo > 0: x.floor_().clamp_(min=-1)  # -1: below lo (for x >= lo, and any x when lo <= 0, truncating is flooring)
+    pos = x.clamp_(max=bins).to(torch.int32)  # bins: hi and above
     pos += _bin_offsets(sizes, bins, x.device)  # one histogram per output, in one bincount
     counts = torch.bincount(pos, minlength=len(sizes) * (bins + 2)).view(len(sizes), bins + 2)
     return counts[:, 1:bins + 1]
@@ -83,8 +87,8 @@ def _histograms(x, sizes, bins, lo, hi):
 @patch
 def _record(self: ActivationStatsCB, hook, module, inputs, output):
     if hook.learn.phase not in self.phases: return
-    x = output.detach().reshape(-1).float()
-    self._current[hook.index] = (x.sum(), x.dot(x), x)
+    x = output.detach().reshape(-1)
+    self._current[hook.index] = x if x.dtype == torch.float32 else x.float()
 
 @patch
 def before_fit(self: ActivationStatsCB, learn):
@@ -100,11 +104,10 @@ def before_fit(self: ActivationStatsCB, learn):
 def after_predict(self: ActivationStatsCB, learn):
     "All the hooked modules have run: their sums and histograms become one row, on the device; the sizes stay on the host."
     if len(self._current) < len(self.hooks): return self._current.clear()
-    sums, squares, outputs = zip(*(self._current[i] for i in range(len(self.hooks))))
+    outputs = [self._current[i] for i in range(len(self.hooks))]
+    moments = torch.stack([x.sum() for x in outputs] + [x.dot(x) for x in outputs])  # the sums, then the sums of squares
     sizes = tuple(len(x) for x in outputs)
-    hists = _histograms(torch.cat(outputs).abs_(), sizes, self.bins, *self.range)
-    moments = torch.stack(sums + squares).view(2, -1).T  # modules x (sum, sum of squares)
-    self.rows.append(torch.cat([moments, hists.float()], 1))
+    self.rows.append((moments, _histograms(torch.cat(outputs), sizes, self.bins, *self.range)))
     self.sizes.append(sizes)
     self._current = {}  # no output is kept beyond its batch
 
@@ -112,17 +115,22 @@ def after_predict(self: ActivationStatsCB, learn):
 def cleanup_fit(self: ActivationStatsCB, learn): self.hooks.remove()
 
 # %% ../nbs/12_hooks.ipynb #fa3da2c6
-def _from_sums(rows, n):
-    "Rows of (sum, sum of squares, counts) of `n` numbers each -> (mean, standard deviation, fractions)."
-    mean = rows[..., :1] / n
-    std = ((rows[..., 1:2] - rows[..., :1] * mean) / (n - 1)).clamp(min=0).sqrt()
-    return torch.cat([mean, std, rows[..., 2:] / n], -1)
+def _from_sums(moments, counts, n):
+    "Per batch, the modules' (sums, sums of squares) and histogram counts of `n` numbers each -> modules x batches x (mean, std, fractions)."
+    sums, squares = moments.view(len(n), 2, -1).unbind(1)  # batches x modules each
+    mean = sums / n
+    std = ((squares - sums * mean) / (n - 1)).clamp(min=0).sqrt()
+    return torch.cat([mean[..., None], std[..., None], counts / n[..., None]], -1).transpose(0, 1)
 
 @patch(as_prop=True)
 def stats(self: ActivationStatsCB):
     "All the rows, as one CPU tensor `modules x batches x (2 + bins)`: one transfer."
     parts = [] if self.done is None else [self.done]
-    if self.rows: parts.append(_from_sums(torch.stack(self.rows, dim=1).cpu(), torch.tensor(self.sizes).T[..., None]))
+    if self.rows:
+        moments, counts = zip(*self.rows)
+        both = torch.cat([torch.stack(moments), torch.stack(counts).flatten(1).float()], 1).cpu()  # the one transfer
+        n_moments = len(moments[0])
+        parts.append(_from_sums(both[:, :n_moments], both[:, n_moments:].view(len(counts), -1, self.bins), torch.tensor(self.sizes)))
     return torch.cat(parts, dim=1) if parts else torch.zeros(len(getattr(self, 'names', [])), 0, 2 + self.bins)
 
 @patch(as_prop=True)
