@@ -7,6 +7,7 @@ __all__ = ['CANCEL_EXCEPTIONS', 'Callback', 'get_handlers', 'CancelFitException'
            'CancelStepException', 'call_handlers', 'run_cbs', 'with_cbs']
 
 # %% ../nbs/00_callbacks.ipynb #037dfa3c
+import inspect
 from functools import wraps
 from operator import attrgetter
 
@@ -19,11 +20,11 @@ class Callback:
 
 # %% ../nbs/00_callbacks.ipynb #098d270b
 def get_handlers(cbs, event):
-    "The bound methods named `event` of `cbs`, sorted by `order` (stable for equal orders)."
+    "The methods named `event` of `cbs`, sorted by `order` (stable for equal orders); a plain attribute is not a handler."
     handlers = []
     for cb in sorted(cbs, key=attrgetter('order')):
         method = getattr(cb, event, None)
-        if method is not None: handlers.append(method)
+        if callable(method): handlers.append(method)
     return handlers
 
 # %% ../nbs/00_callbacks.ipynb #e5da5396
@@ -42,24 +43,56 @@ class CancelStepException(Exception):
 CANCEL_EXCEPTIONS = (CancelFitException, CancelEpochException, CancelBatchException, CancelStepException)
 
 # %% ../nbs/00_callbacks.ipynb #944fe570
-def _add_context(e, handler, event):
-    "Add the callback's class and the event to the message of `e`, once."
-    if getattr(e, '_learnloop_where', None): return
-    where = f"{type(handler.__self__).__name__}.{event}" if hasattr(handler, '__self__') else event
-    e._learnloop_where = where
-    msg = str(e.args[0]) if e.args else ''
-    e.args = (f"{msg} [raised in callback {where}]".lstrip(),) + tuple(e.args[1:])
+def _where(handler, event):
+    "`Class.event` for a callback's method, else just `event`."
+    return f"{type(handler.__self__).__name__}.{event}" if hasattr(handler, '__self__') else event
 
+def _plain_message(e):
+    "Whether the error `e` is one plain message: one string argument, shown as it is, no `__init__` of its own to keep happy."
+    plain_class = isinstance(e, Exception) and not inspect.isfunction(type(e).__init__)  # Ctrl-C's message stays as is
+    return plain_class and len(e.args) == 1 and isinstance(e.args[0], str) and str(e) == e.args[0]
+
+def _tell(e, text):
+    "Show `text` with `e`: at the end of its message if it is a plain one, else as a note (its arguments stay as they are)."
+    if _plain_message(e): e.args = (f"{e.args[0]} {text}".lstrip(),)
+    elif hasattr(e, 'add_note'): e.add_note(text)  # Python 3.11+ prints the notes under the error
+    else: e.__notes__ = [*getattr(e, '__notes__', []), text]  # Python 3.10 keeps them on the error, unprinted
+
+def _describe(e):
+    "`Type: message`, as the last line of a traceback shows `e`."
+    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+
+def _add_context(e, handler, event):
+    "Name the callback and the event that raised the error `e`, once; Ctrl-C and cancels are left alone."
+    if not isinstance(e, Exception) or isinstance(e, CANCEL_EXCEPTIONS) or getattr(e, '_learnloop_where', None): return
+    e._learnloop_where = _where(handler, event)
+    _tell(e, f"[raised in callback {e._learnloop_where}]")
 
 # %% ../nbs/00_callbacks.ipynb #8d9ff972
 def call_handlers(handlers, event, learn=None):
-    "Call each of `handlers` with `learn`; an error is re-raised with the callback and `event` named in its message."
+    "Call each of `handlers` with `learn`; an error names the callback and `event`. A `cleanup_*` event calls them all."
     for handler in handlers:
         try: handler(learn)
-        except CANCEL_EXCEPTIONS: raise
-        except Exception as e:
-            _add_context(e, handler, event)
+        except BaseException as e:
+            if event.startswith('cleanup_'): _call_the_others(handlers, handler, event, learn, e)  # raises
+            _add_context(e, handler, event)  # not to a cancel, nor to Ctrl-C
             raise
+
+# %% ../nbs/00_callbacks.ipynb #5a5a322a
+def _call_the_others(handlers, failed, event, learn, error):
+    "`failed` raised `error` in a cleanup: call the handlers after it all the same, then raise the first failure."
+    failures, after = [(error, failed)], False
+    for handler in handlers:
+        if after:
+            try: handler(learn)
+            except BaseException as e: failures.append((e, handler))
+        after = after or handler is failed
+    failures.sort(key=lambda failure: isinstance(failure[0], CANCEL_EXCEPTIONS))  # stable: errors first, in order
+    (first, handler), others = failures[0], failures[1:]
+    _add_context(first, handler, event)
+    for e, other in others:
+        if not isinstance(e, CANCEL_EXCEPTIONS): _tell(first, f"[{_where(other, event)} failed too: {_describe(e)}]")
+    raise first
 
 # %% ../nbs/00_callbacks.ipynb #c0ae5b2a
 def run_cbs(cbs, method_nm, learn=None):
@@ -84,8 +117,18 @@ class with_cbs:
                 f(o, *args, **kwargs)
                 o.callback(self.after)
             except self.cancel: pass
-            finally: o.callback(self.cleanup)
+            except BaseException as e:
+                _cleanup_after(o, self.cleanup, e)
+                raise
+            o.callback(self.cleanup)
         return _f
+
+def _cleanup_after(o, cleanup, error):
+    "Run `cleanup` after `error` stopped the scope; if it fails too, note it on `error`. A cancel gives way to the failure."
+    try: o.callback(cleanup)
+    except BaseException as failure:
+        if isinstance(error, CANCEL_EXCEPTIONS): raise
+        if not isinstance(failure, CANCEL_EXCEPTIONS): _tell(error, f"[then {cleanup} failed too: {_describe(failure)}]")
 
 # %% ../nbs/00_callbacks.ipynb #a1f0c015
 # How these pages show a class: nbdev's `show_doc` calls the renderer named in settings.ini
