@@ -6,14 +6,14 @@
 __all__ = ['list_checkpoints', 'load_checkpoint', 'CheckpointCB', 'ResumeCB']
 
 # %% ../nbs/09_checkpoint.ipynb #ae8270a1
-import re
+import copy, os, re, socket, sys, uuid, warnings
 from collections import OrderedDict
 from pathlib import Path
 import torch
 from fastcore.basics import patch
 from .callbacks import *
 from .learner import *
-from .utils import atomic_write
+from .utils import ChecksumError, load_checked, save_checked
 
 # %% ../nbs/09_checkpoint.ipynb #1d3a892a
 from .utils import loader_generators, rng_state, set_rng_state
@@ -33,7 +33,7 @@ def list_checkpoints(folder):
     "The checkpoint files that `CheckpointCB` wrote in `folder`, oldest first; [] if there are none."
     folder = Path(folder)
     if not folder.is_dir(): return []
-    return sorted((f for f in folder.iterdir() if _NAME.fullmatch(f.name)), key=_position)
+    return sorted((f for f in folder.iterdir() if _NAME.fullmatch(f.name) and f.is_file()), key=_position)
 
 # %% ../nbs/09_checkpoint.ipynb #9f72c2e6
 _PLAIN = (str, bytes, int, float, complex, bool, type(None), torch.Size, torch.dtype, torch.device)
@@ -51,7 +51,7 @@ def _check_plain(obj, where):
                         "strings, None, lists, tuples and dicts (convert it, e.g. with float(x) or x.tolist())")
 
 # %% ../nbs/09_checkpoint.ipynb #59718204
-_FORMAT = 'learnloop checkpoint v1'
+_FORMAT = 'learnloop checkpoint v2'  # v2: with a checksum, and first_epoch
 
 def _stateful_callbacks(cbs):
     "The callbacks with a `state_dict`, by key: the class name, then `_1`, `_2`... for the next ones of the same class."
@@ -72,11 +72,11 @@ def _fit_info(learn):
             'loader_generators': len(loader_generators(learn.dls))}
 
 # %% ../nbs/09_checkpoint.ipynb #902acfa5
-def _training_state(learn, epoch, batch, epoch_rng=None):
-    "Everything needed to continue the fit of `learn` after `batch` training batches of `epoch`."
+def _training_state(learn, epoch, batch, first_epoch=0, epoch_rng=None):
+    "Everything needed to continue the fit of `learn` after `batch` training batches of the run's `epoch`."
     model = getattr(learn.model, 'module', learn.model)  # the model inside a DistributedDataParallel wrapper
-    state = {'format': _FORMAT, 'epoch': epoch, 'batch': batch, 'fit': _fit_info(learn), 'model': model.state_dict(),
-             'grads': {n: p.grad for n, p in model.named_parameters() if p.grad is not None},
+    state = {'format': _FORMAT, 'epoch': epoch, 'batch': batch, 'first_epoch': first_epoch, 'fit': _fit_info(learn),
+             'model': model.state_dict(), 'grads': {n: p.grad for n, p in model.named_parameters() if p.grad is not None},
              'opt': learn.opt.state_dict(), 'cbs': {k: cb.state_dict() for k, cb in _stateful_callbacks(learn.cbs).items()},
              'history': getattr(learn, 'history', None), 'rng': rng_state(learn.dls), 'epoch_rng': epoch_rng}
     _check_plain(state, 'the checkpoint')
@@ -87,29 +87,44 @@ def _find_checkpoint(path):
     "The file `path`, or the newest checkpoint in the folder `path`; a clear error when there is none."
     path = Path(path)
     if path.is_file(): return path
+    if path.is_dir() and _NAME.fullmatch(path.name):
+        raise IsADirectoryError(f"{path} is a folder named like a checkpoint, not a checkpoint file: pass a checkpoint "
+                                "file or the folder given to CheckpointCB")
     if not path.exists():
-        raise FileNotFoundError(f"no checkpoint at {path}: pass a checkpoint file or the folder given to CheckpointCB")
+        there = [f.name for f in list_checkpoints(path.parent)]
+        near = f" ({path.parent} holds {', '.join(there)})" if there else ""
+        raise FileNotFoundError(f"no checkpoint at {path}{near}: pass a checkpoint file or the folder given to CheckpointCB")
     files = list_checkpoints(path)
     if not files: raise FileNotFoundError(f"no checkpoint in {path}: CheckpointCB names its files like {_name(1, 0)}")
     return files[-1]
 
-def _damaged(file, error):
-    "The error for a checkpoint `file` that `torch.load` could not read."
-    others = ', '.join(f.name for f in list_checkpoints(file.parent) if f != file) or 'none'
-    return ValueError(f"cannot read the checkpoint {file}: the file is damaged ({type(error).__name__}: {error}). Resume "
-                      f"from another checkpoint in {file.parent} (there: {others}), or delete this one")
-
 def _check_format(ckpt, file):
-    if not isinstance(ckpt, dict) or ckpt.get('format') != _FORMAT:
-        raise ValueError(f"{file} is not a checkpoint written by CheckpointCB: a model's bare state_dict (e.g. "
-                         "from SaveBestModelCB) loads with learn.model.load_state_dict(torch.load(path))")
+    if ckpt.get('format') != _FORMAT:
+        raise ValueError(f"{file} is not a checkpoint written by CheckpointCB: a file of weights (from SaveBestModelCB "
+                         "or learn.save) loads with learn.load(path)")
+
+# %% ../nbs/09_checkpoint.ipynb #43812cd3
+def _is_good(file):
+    "Whether `file` reads, passes its checksum and is a checkpoint."
+    try: _check_format(load_checked(file), file)
+    except (OSError, ValueError): return False
+    return True
+
+def _unusable(file, error):
+    "The error `error` of `load_checked` for the checkpoint `file`, naming the newest good checkpoint to resume from."
+    good = next((f for f in reversed(list_checkpoints(file.parent)) if f != file and _is_good(f)), None)
+    what = (f"{file} is corrupted (checksum mismatch: it changed on the disk after it was saved)"
+            if isinstance(error, ChecksumError) else str(error))
+    todo = (f"Resume from {good.name} with ResumeCB({str(good)!r}), or delete {file.name}" if good else
+            f"No other checkpoint in {file.parent} is good: delete the damaged ones to start afresh")
+    return type(error)(f"{what}. {todo}")
 
 # %% ../nbs/09_checkpoint.ipynb #a975bf00
 def load_checkpoint(path):
-    "Read the checkpoint `path` (a file, or the newest in a folder) onto the CPU, with `weights_only=True`."
+    "Read the checkpoint `path` (a file, or the newest in a folder) onto the CPU with `weights_only=True`; verify its checksum."
     file = _find_checkpoint(path)
-    try: ckpt = torch.load(file, map_location='cpu', weights_only=True)
-    except Exception as e: raise _damaged(file, e) from e
+    try: ckpt = load_checked(file)
+    except ValueError as e: raise _unusable(file, e) from None  # never torch's advice to load with weights_only=False
     _check_format(ckpt, file)
     return ckpt
 
@@ -126,7 +141,7 @@ class CheckpointCB(Callback):
         for name, n in (('every_n_batches', every_n_batches), ('every_n_epochs', every_n_epochs)): _check_count(name, n)
         _check_count('keep', keep, none_ok=False)
         self.path, self.every_n_batches, self.every_n_epochs, self.keep = Path(path), every_n_batches, every_n_epochs, keep
-        self.epoch_rng = None
+        self.epoch_rng, self.first_epoch, self.saved_at, self.lock = None, 0, None, None
 
     def before_epoch(self, learn):
         if learn.training: self.epoch_rng = rng_state(learn.dls)  # the loop draws the epoch's order right after this
@@ -143,23 +158,114 @@ class CheckpointCB(Callback):
 # %% ../nbs/09_checkpoint.ipynb #e2a69ce4
 @patch
 def save(self: CheckpointCB, learn, epoch, batch):
-    "Write the state after `batch` training batches of `epoch` atomically; delete all but the newest `keep` checkpoints."
-    state = _training_state(learn, epoch, batch, self.epoch_rng if batch else None)
-    file = self.path / _name(epoch, batch)
-    atomic_write(file, lambda f: torch.save(state, f), mode='wb')
+    "Save the state after `batch` training batches of this fit's `epoch`, atomically, with a checksum; keep the newest `keep`."
+    epoch += self.first_epoch  # the run's epoch: a later fit with this callback numbers on (see Training longer)
+    state = _training_state(learn, epoch, batch, self.first_epoch, self.epoch_rng if batch else None)
+    file = save_checked(state, self.path / _name(epoch, batch))
+    self.saved_at = (epoch, batch)
     for old in list_checkpoints(self.path)[:-self.keep]: old.unlink()
     return file
 
 # %% ../nbs/09_checkpoint.ipynb #a5edb1e1
+def _check_folder(path):
+    "Refuse a `path` that is a file, or that holds folders named like checkpoints (saving or pruning would fail on them)."
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"CheckpointCB: {path} is a file: CheckpointCB saves into a folder, give it a folder's path")
+    stray = [f.name for f in path.iterdir() if f.is_dir() and _NAME.fullmatch(f.name)] if path.is_dir() else []
+    if stray: raise IsADirectoryError(f"CheckpointCB: {path} holds folders named like checkpoints ({', '.join(stray)}): "
+                                      "move them out of it")
+
+def _first_epoch(cb, learn):
+    "The run's number of this fit's first epoch: the resumed fit's; after `cb`'s own last checkpoint; 0 in an empty folder."
+    files, resumed = list_checkpoints(cb.path), getattr(learn, 'resumed_at', None)
+    if resumed is not None:
+        ahead = [f.name for f in files if _position(f) > resumed]
+        if ahead: raise ValueError(f"{cb.path} holds checkpoints further on than the one this fit resumes from "
+                                   f"({', '.join(ahead)}): delete them, or resume from the newest")
+        cb.saved_at = resumed  # this fit continues that checkpoint: its numbering is ours now
+        return learn.resumed_first_epoch
+    if not files: return 0
+    if _position(files[-1]) != cb.saved_at:
+        raise ValueError(f"{cb.path} holds checkpoints of another fit ({', '.join(f.name for f in files)}): to continue "
+                         f"it, add ResumeCB({str(cb.path)!r}); to start afresh, delete them or save elsewhere")
+    epoch, batch = cb.saved_at
+    print(f"CheckpointCB: this fit goes on from {files[-1]}: its epochs are saved as the run's epochs {epoch + (batch > 0)} on")
+    return epoch + (batch > 0)
+
+def _other_rank():
+    "Whether this process trains with others (`torch.distributed`) and is not the one of rank 0."
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_rank() != 0
+
+# %% ../nbs/09_checkpoint.ipynb #81958f90
+_LOCK = '.lock'
+_HELD = set()  # the text of every lock this process holds
+
+def _lock_text(file):
+    "What the lock `file` holds; None if there is none."
+    try: return file.read_text()
+    except FileNotFoundError: return None
+
+def _lock_pid(text):
+    "The process id written in a lock's `text`, or None (a lock being written, or not ours)."
+    try: return int(text.split()[0])
+    except (IndexError, ValueError): return None
+
+def _is_stale(text):
+    "Whether the lock holding `text` was left by a process that no longer runs."
+    pid = _lock_pid(text)
+    if pid is None or text.split()[1:2] != [socket.gethostname()] or os.name != 'posix': return False  # we cannot tell
+    if pid == os.getpid(): return text not in _HELD  # an earlier process had our id
+    try: os.kill(pid, 0)  # signal 0 checks that the process exists, and does nothing to it
+    except ProcessLookupError: return True
+    except PermissionError: return False  # it runs, as another user
+    return False
+
+# %% ../nbs/09_checkpoint.ipynb #853cc8bb
+def _take_lock(folder):
+    "Create `folder`'s lock file atomically, holding this process's id; take over a stale one. Return what it holds."
+    folder.mkdir(parents=True, exist_ok=True)
+    file, text = folder / _LOCK, f"{os.getpid()} {socket.gethostname()} {uuid.uuid4().hex}"
+    held = _lock_text(file)
+    if held is not None and _is_stale(held):
+        warnings.warn(f"CheckpointCB: {file} was left by process {_lock_pid(held)}, which is no longer running: "
+                      f"taking over {folder}")
+        file.unlink(missing_ok=True)
+    try: fd = os.open(file, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError: raise _in_use(folder, file) from None
+    with os.fdopen(fd, 'w') as f: f.write(text)
+    _HELD.add(text)
+    return text
+
+def _in_use(folder, file):
+    "The error for a fit that finds `folder` locked by another."
+    pid = _lock_pid(_lock_text(file) or '')
+    who = 'another learner in this process' if pid == os.getpid() else f'process {pid}' if pid else 'another process'
+    return RuntimeError(f"CheckpointCB: {folder} is in use by another fit ({who} holds {file}): give this fit another "
+                        f"folder, or wait until that fit ends (if none is running, delete {file})")
+
+def _release_lock(folder, text):
+    "Delete `folder`'s lock file if it still holds `text` (ours)."
+    _HELD.discard(text)
+    file = folder / _LOCK
+    if _lock_text(file) == text: file.unlink(missing_ok=True)
+
+# %% ../nbs/09_checkpoint.ipynb #bec061e1
 @patch
 def before_fit(self: CheckpointCB, learn):
-    for f in (self.path.iterdir() if self.path.is_dir() else []):
+    "Check the folder, lock it, number this fit's epochs on from the folder's, delete what a killed save left."
+    if _other_rank(): return  # under torch.distributed, rank 0 alone writes checkpoints
+    _check_folder(self.path)
+    self.lock = _take_lock(self.path)
+    self.first_epoch = _first_epoch(self, learn)
+    for f in self.path.iterdir():
         if _TEMP.fullmatch(f.name): f.unlink()  # left by a process killed while it saved
-    start = getattr(learn, 'resumed_at', (0, 0))
-    ahead = [f.name for f in list_checkpoints(self.path) if _position(f) > start]
-    if ahead:
-        raise ValueError(f"{self.path} holds checkpoints of a fit further on than this one starts ({', '.join(ahead)}): "
-                         f"to continue that fit add ResumeCB({str(self.path)!r}); to start again, delete them or save elsewhere")
+
+@patch
+def cleanup_fit(self: CheckpointCB, learn):
+    "However the fit ended, unlock the folder for the next fit."
+    if self.lock is not None: _release_lock(self.path, self.lock)
+    self.lock = None
 
 # %% ../nbs/09_checkpoint.ipynb #c2a70ce6
 class ResumeCB(Callback):
@@ -167,17 +273,19 @@ class ResumeCB(Callback):
     order = -80  # first: load the states before the others' before_fit; skip batches before anyone sees them
     def __init__(self, path, missing_ok=True):
         self.path, self.missing_ok = Path(path), missing_ok
-        self.ckpt, self.skip, self.rng = None, 0, None
+        self.ckpt, self.skip, self.rng, self.put_back, self.handled, self.spent = None, 0, None, None, None, False
 
     def before_fit(self, learn):
+        self.handled = sys.exc_info()[1]  # an exception the caller is handling as the fit starts: not this fit's
+        if self.spent: return print("ResumeCB: used by an earlier fit of this learner: this fit goes on from the learner as it is")
         if self.missing_ok and not self.path.is_file() and self.path.suffix != '.pt' and not list_checkpoints(self.path):
             return print(f"ResumeCB: no checkpoint in {self.path}: starting from scratch")
         file = _find_checkpoint(self.path)
         ckpt = load_checkpoint(file)
         _check_same_fit(ckpt, learn, file)
-        learn.model.load_state_dict(ckpt['model'])
-        for key, cb in _stateful_callbacks(learn.cbs).items(): cb.load_state_dict(ckpt['cbs'][key])
-        learn.epochs, learn.resumed_at = range(ckpt['epoch'], learn.n_epochs), (ckpt['epoch'], ckpt['batch'])
+        self.put_back = _PutBackCB(learn, self)  # keeps what the loading replaces, in case the fit fails before its first batch
+        learn.add_cbs(self.put_back)
+        _load_states(learn, ckpt)
         self.ckpt = ckpt
         print(_resume_message(ckpt, file))
 
@@ -217,11 +325,19 @@ def _check_same_fit(ckpt, learn, file):
     _check_model(ckpt['model'], learn.model, file)
     _check_same_keys(ckpt['cbs'], _stateful_callbacks(learn.cbs), 'callbacks that have a state_dict', file)
 
+def _load_states(learn, ckpt):
+    "Load the weights and the callbacks' states of `ckpt`; set the epochs left, and where the run resumes."
+    learn.model.load_state_dict(ckpt['model'])
+    for key, cb in _stateful_callbacks(learn.cbs).items(): cb.load_state_dict(ckpt['cbs'][key])
+    learn.epochs = range(ckpt['epoch'] - ckpt['first_epoch'], learn.n_epochs)  # the checkpoint counts in the run's epochs
+    learn.resumed_at, learn.resumed_first_epoch = (ckpt['epoch'], ckpt['batch']), ckpt['first_epoch']
+
 def _resume_message(ckpt, file):
-    (e, b), n = (ckpt['epoch'], ckpt['batch']), ckpt['fit']['n_epochs']
-    if e == n: return f"ResumeCB: {file} is the end of a finished fit of {n} epochs: nothing to do"
+    (e, b), n, first = (ckpt['epoch'], ckpt['batch']), ckpt['fit']['n_epochs'], ckpt['first_epoch']
+    if e - first == n: return f"ResumeCB: {file} is the end of a finished fit of {n} epochs: nothing to do"
     where = f"after its training batch {b - 1}" if b else "at its start"
-    return f"ResumeCB: resuming from {file}: epoch {e} (epochs 0 to {n - 1}), {where}"
+    run = f", the run's epoch {e}" if first else ""
+    return f"ResumeCB: resuming from {file}: epoch {e - first} (epochs 0 to {n - 1}{run}), {where}"
 
 # %% ../nbs/09_checkpoint.ipynb #c5863784
 def _set_grads(model, grads):
@@ -235,8 +351,10 @@ def before_epoch(self: ResumeCB, learn):
     "In the first epoch: load the optimizer, the gradients, and the generators' state that replays the epoch's order."
     if self.ckpt is None: return
     ckpt, self.ckpt = self.ckpt, None
+    model = getattr(learn.model, 'module', learn.model)
+    self.put_back.keep_optimizer(learn, model)  # they can be put back too, until the first batch
     learn.opt.load_state_dict(ckpt['opt'])
-    _set_grads(getattr(learn.model, 'module', learn.model), ckpt['grads'])
+    _set_grads(model, ckpt['grads'])
     self.skip, self.rng = ckpt['batch'], ckpt['rng']
     set_rng_state(ckpt['epoch_rng'] if self.skip else self.rng, learn.dls)
 
@@ -253,5 +371,60 @@ def cleanup_batch(self: ResumeCB, learn):
 
 @patch
 def cleanup_fit(self: ResumeCB, learn):
-    self.ckpt, self.skip = None, 0
-    learn.__dict__.pop('resumed_at', None)
+    self.spent = self.spent or not _failing(self.handled)  # a fit that ended without an error used this ResumeCB
+    self.ckpt, self.skip, self.put_back = None, 0, None
+    for name in ('resumed_at', 'resumed_first_epoch'): learn.__dict__.pop(name, None)
+
+# %% ../nbs/09_checkpoint.ipynb #a9ae83b5
+def _failing(handled):
+    "In `cleanup_fit`: whether the fit ends with an error (`handled` is what the caller was handling when it began)."
+    error = sys.exc_info()[1]
+    return error is not None and error is not handled
+
+def _attributes(cb):
+    "The data attributes of `cb` (not functions, which another callback may have put on it for one fit)."
+    return {k: v for k, v in vars(cb).items() if not callable(v)}
+
+_LEARNER_ATTRS = ('epoch', 'epochs', 'history', 'recorder')  # what the loaded states lead a fit to set on the learner
+
+# %% ../nbs/09_checkpoint.ipynb #07dd9399
+class _PutBackCB(Callback):
+    "Added by the `ResumeCB` `resume` for one fit: if the fit fails before its first batch, put back what `resume` replaced."
+    order = 1000  # its cleanup_fit comes after every other callback's: they are done with the states it puts back
+    def __init__(self, learn, resume):
+        model, self.handled, self.opt = getattr(learn.model, 'module', learn.model), resume.handled, None
+        self.weights = {k: v.detach().to('cpu', copy=True) for k, v in model.state_dict().items()}
+        self.cbs = [(cb, _attributes(cb), copy.deepcopy(cb.state_dict()), cb.order < resume.order)
+                    for cb in _stateful_callbacks(learn.cbs).values()]
+        self.learner = {k: v for k, v in vars(learn).items() if k in _LEARNER_ATTRS}
+
+    def keep_optimizer(self, learn, model):
+        "Before `ResumeCB` loads them: copies of the optimizer's state, the gradients and the generators' state."
+        self.opt, self.rng = copy.deepcopy(learn.opt.state_dict()), rng_state(learn.dls)
+        self.grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    def before_batch(self, learn): learn.remove_cbs(self)  # the fit has started: what ResumeCB loaded stays
+
+    def cleanup_fit(self, learn):
+        learn.remove_cbs(self)
+        if _failing(self.handled): _put_back(learn, self)
+
+# %% ../nbs/09_checkpoint.ipynb #a2d01117
+def _put_back_callback(cb, attributes, state, started):
+    "Give `cb` its `state` back and, unless it `started` the fit before ResumeCB did, all its `attributes`."
+    if not started: vars(cb).update(attributes)
+    cb.load_state_dict(state)  # into the objects it holds again: some callbacks load a state in place
+    if not started: vars(cb).update(attributes)  # without the marks that make the next fit continue a loaded state
+
+def _put_back(learn, saved):
+    "Undo a `ResumeCB` whose fit failed before its first batch, from the copies that `saved` (a `_PutBackCB`) keeps."
+    model = getattr(learn.model, 'module', learn.model)
+    model.load_state_dict(saved.weights)
+    for cb, attributes, state, started in saved.cbs: _put_back_callback(cb, attributes, state, started)
+    for name in _LEARNER_ATTRS:
+        if name in saved.learner: setattr(learn, name, saved.learner[name])
+        else: learn.__dict__.pop(name, None)
+    if saved.opt is None: return  # it failed before the first epoch: the optimizer, gradients and generators are untouched
+    learn.opt.load_state_dict(saved.opt)
+    _set_grads(model, saved.grads)
+    set_rng_state(saved.rng, learn.dls)

@@ -290,27 +290,27 @@ def summary(self: Learner, dl=None):
                    _shape(_one(list(batch[:_n_inp(self)]))))
 
 # %% ../nbs/11_inference.ipynb #a40e28bd
+from .utils import ChecksumError, load_checked, save_checked
+
 @patch
 def save(self: Learner, path, with_opt=False):
-    "Save the model's weights (and the optimizer's state if `with_opt`) to `path`, atomically; return the path."
+    "Save the model's weights (and the optimizer's state if `with_opt`) to `path`, atomically, with a checksum; return the path."
     state = {'model': self.model.state_dict()}
     if with_opt:
         if self.opt is None: raise ValueError("save(with_opt=True): this learner has no optimizer yet (each fit makes one): "
                                               "fit first, or save without it")
         state['opt'] = self.opt.state_dict()
-    atomic_write(path, lambda f: torch.save(state, f), mode='wb')
-    return Path(path)
+    return save_checked(state, path)
 
 # %% ../nbs/11_inference.ipynb #0766b0fc
 def _read_saved(path):
-    "The dict that `save` wrote to `path`, or an error that says what is wrong with the file."
+    "The dict that `save` wrote to `path`, its checksum verified, or an error that says what is wrong with the file."
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"{path}: no such file (learn.save(path) writes one)")
-    try: state = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # torch's own message may advise weights_only=False: never for a file we cannot trust
-        raise ValueError(f"{path} cannot be read as weights ({type(e).__name__}): it is damaged, or it was not "
-                         "written by learn.save") from None
-    if not isinstance(state, dict) or not isinstance(state.get('model'), dict):
+    try: state = load_checked(path)  # weights_only=True, and the checksum verified
+    except ChecksumError: raise
+    except ValueError as e: raise ValueError(f"{e} (learn.load reads the files that learn.save writes)") from None
+    if not isinstance(state.get('model'), dict):
         raise ValueError(f"{path} is not a file written by learn.save (it has no 'model' weights)")
     return state
 

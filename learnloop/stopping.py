@@ -117,24 +117,41 @@ class EarlyStoppingCB(MetricTrackerCB):
         if self.stop_reason: raise CancelFitException(self.stop_reason)
 
 # %% ../nbs/06_early_stopping.ipynb #5cf8d3b6
-def _atomic_save(obj, path):
-    "`torch.save(obj, path)` that never leaves a half-written `path`, with `atomic_write` from `01b_utils`."
-    atomic_write(path, lambda f: torch.save(obj, f), mode='wb')
+import tempfile
+from .utils import load_checked, save_checked
+
+def _save_weights(model, path):
+    "Save `model`'s weights to `path` as `{'model': state_dict}`, atomically, with a checksum (`save_checked`)."
+    save_checked({'model': model.state_dict()}, path)
+
+def _check_save_path(path):
+    "Fail before the fit, naming `path`, if the weights could not be saved there."
+    if path.is_dir():
+        raise IsADirectoryError(f"SaveBestModelCB: save_path={str(path)!r} is a folder: give a file's path, e.g. "
+                                f"{str(path / 'best_model.pt')!r}")
+    folder = next(p for p in (path.parent, *path.parent.parents) if p.exists())  # saving creates the missing ones
+    if not folder.is_dir():
+        raise NotADirectoryError(f"SaveBestModelCB: cannot save to {str(path)!r}: {str(folder)!r} is a file, not a folder")
+    try: tempfile.TemporaryFile(dir=folder).close()  # can we write there? (the file vanishes when closed)
+    except OSError as e:
+        raise PermissionError(f"SaveBestModelCB: cannot save to {str(path)!r}: cannot write in {str(folder)!r} "
+                              f"({e.strerror}): choose a save_path in a folder you can write to") from None
 
 # %% ../nbs/06_early_stopping.ipynb #de9a5898
 class SaveBestModelCB(MetricTrackerCB):
-    "Save the weights to `save_path` (atomically) when `watch_metric` improves; load the best back when the fit ends."
+    "Save the weights to `save_path` (atomically, with a checksum) when `watch_metric` improves; load the best back when the fit ends."
     def __init__(self, save_path='best_model.pt', watch_metric='valid_loss', greater_is_better=False,
                  reset_on_train=True):
         super().__init__(watch_metric, greater_is_better, 0., reset_on_train)
         self.save_path, self._in_fit = Path(save_path), False
 
     def before_fit(self, learn):
+        _check_save_path(self.save_path)  # first: if it fails, nothing has changed
         super().before_fit(learn)
         self._in_fit = True
 
     def improved(self, learn, value):
-        _atomic_save(learn.model.state_dict(), self.save_path)  # save first: if it fails, the best is unchanged
+        _save_weights(learn.model, self.save_path)  # save first: if it fails, the best is unchanged
         super().improved(learn, value)
 
 # %% ../nbs/06_early_stopping.ipynb #63da4003
@@ -143,8 +160,11 @@ def cleanup_fit(self: SaveBestModelCB, learn):
     "However the fit ended (normally, cancelled, error, interrupt), load the best weights back if there are any."
     in_fit, self._in_fit = self._in_fit, False
     if not in_fit or self.best_epoch is None: return
-    state = torch.load(self.save_path, map_location=model_device(learn.model) or 'cpu', weights_only=True)
-    learn.model.load_state_dict(state)
+    try: saved = load_checked(self.save_path)
+    except (OSError, ValueError) as e:
+        raise type(e)(f"SaveBestModelCB: the best weights (epoch {self.best_epoch}) cannot be loaded back: {e}. The "
+                      "model keeps its last weights") from None
+    learn.model.load_state_dict(saved['model'])
     print(f"SaveBestModelCB: loaded the weights of epoch {self.best_epoch} "
           f"({self.watch_metric} {self.best:.4g}) from {self.save_path}")
 

@@ -173,8 +173,9 @@ def test_kill_between_write_and_rename(child, reference, tmp_path):
     folder, out = tmp_path / 'ckpts', tmp_path / 'result.pt'
     assert child(folder, out, kill='replace:3').returncode == -9
     names = sorted(f.name for f in folder.iterdir())
-    assert names[1:] == ['ckpt-e0000-b000004.pt', 'ckpt-e0000-b000008.pt'], names
-    assert names[0].startswith('.ckpt-e0000-b000012.pt.') and names[0].endswith('.tmp') and len(names) == 3
+    assert names[2:] == ['ckpt-e0000-b000004.pt', 'ckpt-e0000-b000008.pt'], names
+    assert names[0].startswith('.ckpt-e0000-b000012.pt.') and names[0].endswith('.tmp') and len(names) == 4
+    assert names[1] == '.lock'  # left by the killed process: the next fit takes it over
     assert load_checkpoint(folder)['batch'] == 8  # the newest complete checkpoint reads fine
 
     wrong = child(folder, out, n_epochs=N_EPOCHS + 1)  # the most likely mistake when resuming
@@ -186,6 +187,8 @@ def test_kill_between_write_and_rename(child, reference, tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     check_same_result(out, reference)
     assert not any(f.name.endswith('.tmp') for f in folder.iterdir())  # the next fit deleted the leftover
+    assert 'which is no longer running: taking over' in resumed.stderr, resumed.stderr  # the killed process's lock
+    assert not (folder / '.lock').exists()
 
     again = child(folder, out)  # a finished fit resumes to nothing, and ends as it ended
     assert again.returncode == 0, again.stderr
@@ -203,3 +206,57 @@ def test_kill_in_the_middle_of_a_write(child, reference, tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert "epoch 1 (epochs 0 to 2), at its start" in resumed.stdout, resumed.stdout
     check_same_result(out, reference)
+
+HOLDER = textwrap.dedent('''
+    import sys, torch
+    import torch.nn.functional as F
+    from torch import nn
+    from torch.utils.data import TensorDataset
+    from learnloop.callbacks import Callback
+    from learnloop.learner import DataLoaders, TrainLearner
+    from learnloop.checkpoint import CheckpointCB
+
+    class PauseCB(Callback):
+        "After the first training batch (its checkpoint is saved), say so and wait for a line on stdin."
+        order = 50
+        def after_batch(self, learn):
+            if learn.training and learn.epoch == 0 and learn.iter == 0:
+                print('holding', flush=True)
+                sys.stdin.readline()
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 4)
+    dls = DataLoaders.from_datasets(TensorDataset(x, x.sum(1, keepdim=True)), bs=16)
+    TrainLearner(nn.Linear(4, 1), dls, F.mse_loss).fit(2, cbs=[CheckpointCB(sys.argv[1], every_n_batches=1, keep=100), PauseCB()])
+''')
+
+def test_a_second_process_on_the_same_folder_refuses_to_start(tmp_path):
+    "A process fits with CheckpointCB; while it runs, a fit in this process on the same folder refuses to start, and"
+    "changes nothing; the first one ends normally, with all its checkpoints, and unlocks the folder."
+    from torch import nn
+    import torch.nn.functional as F
+    from torch.utils.data import TensorDataset
+    from learnloop.learner import DataLoaders, TrainLearner
+    from learnloop.checkpoint import CheckpointCB
+    script, folder = tmp_path / 'holder.py', tmp_path / 'ckpts'
+    script.write_text(HOLDER)
+    holder = subprocess.Popen([sys.executable, str(script), str(folder)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    try:
+        ready, _, _ = select.select([holder.stdout], [], [], 300)
+        assert ready and holder.stdout.readline().strip() == 'holding', holder.stderr.read()
+        saved = sorted(f.name for f in folder.iterdir())
+        assert saved == ['.lock', 'ckpt-e0000-b000001.pt'], saved
+        x = torch.randn(32, 4)
+        second = TrainLearner(nn.Linear(4, 1), DataLoaders.from_datasets(TensorDataset(x, x), bs=16), F.mse_loss)
+        with pytest.raises(RuntimeError, match=f"CheckpointCB: .* is in use by another fit \\(process {holder.pid} holds"):
+            second.fit(1, cbs=CheckpointCB(folder))
+        assert sorted(f.name for f in folder.iterdir()) == saved  # the refused fit wrote and deleted nothing
+        holder.stdin.write('\n')
+        holder.stdin.flush()
+        assert holder.wait(timeout=300) == 0, holder.stderr.read()
+    finally:
+        if holder.poll() is None: holder.kill()
+    names = [f.name for f in list_checkpoints(folder)]
+    assert len(names) == 10 and names[-1] == 'ckpt-e0002-b000000.pt', names  # 4 batches and the end, in 2 epochs
+    assert not (folder / '.lock').exists()

@@ -148,7 +148,7 @@ def trained(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp('ddp')
     res, work, out = torchrun('train', tmp_path)
     assert res.returncode == 0, f"{res.stderr[-3000:]}\n{out[0]['stderr'][-3000:]}\n{out[1]['stderr'][-3000:]}"
-    ranks = [torch.load(tmp_path / f'results_{r}.pt', weights_only=False) for r in range(WORLD)]
+    ranks = [torch.load(tmp_path / f'results_{r}.pt', weights_only=True) for r in range(WORLD)]
     cwd = os.getcwd()
     os.chdir(tmp_path_factory.mktemp('reference'))
     try: reference = fit_all(lambda dtype: DataLoader(dataset(N_TRAIN, 0, dtype), batch_sampler=GlobalBatches(N_TRAIN)))
@@ -202,7 +202,8 @@ def test_no_gradient_sync_on_accumulation_steps(trained):
 def test_only_rank_0_writes_files_and_prints(trained):
     ranks, _, work, out = trained
     assert sorted(p.name for p in work.iterdir()) == ['best_0.pt', 'ckpt', 'history_0.csv', 'plot_0.png']
-    assert torch.load(work / 'best_0.pt').keys() == ranks[0]['early_stop']['weights'].keys()  # no 'module.' prefix
+    from learnloop.utils import load_checked  # SaveBestModelCB's file: {'model': weights} and a checksum
+    assert load_checked(work / 'best_0.pt')['model'].keys() == ranks[0]['early_stop']['weights'].keys()  # no 'module.' prefix
     assert 'train_accuracy' in out[0]['stdout'] and 'EarlyStoppingCB: stopping' in out[0]['stdout']
     assert out[1]['stdout'] == ''
     lines = (work / 'history_0.csv').read_text().splitlines()
