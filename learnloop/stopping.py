@@ -167,15 +167,17 @@ class TerminateOnNaNCB(Callback):
 # %% ../nbs/06_early_stopping.ipynb #c1ec0604
 def _finite_grads_flag(opt):
     "A boolean tensor, computed on the device: is every gradient of `opt`'s parameters free of NaN and inf?"
-    grads = [p.grad for group in opt.param_groups for p in group['params'] if p.grad is not None]
+    grads = [p.grad for group in opt.param_groups for p in group['params'] if p.grad is not None and p.grad.numel()]
     if not grads: return torch.tensor(True)
-    return torch.stack([torch.linalg.vector_norm(g, math.inf) for g in grads]).isfinite().all()  # max |g|: NaN/inf if any is
+    norms = torch._foreach_norm(grads, math.inf)  # each one's largest |value|, NaN or inf if any is; fused on a GPU
+    return torch.stack([n.to(grads[0].device) for n in norms]).isfinite().all()
 
 @patch
 def before_step(self: TerminateOnNaNCB, learn):
     "With `check_grads`, stop the fit before the step if a gradient is NaN or infinite (one device sync per step)."
     if not self.check_grads or _finite_grads_flag(learn.opt): return  # `if` on a tensor: the sync
-    first = next(n for n, p in learn.model.named_parameters() if p.grad is not None and not p.grad.isfinite().all())
+    first = next((n for n, p in learn.model.named_parameters() if p.grad is not None and not p.grad.isfinite().all()),
+                 'a parameter outside learn.model')
     msg = (f"TerminateOnNaNCB: a gradient is NaN or infinite (first in {first}) at epoch {learn.epoch}, batch "
            f"{learn.iter}, while the loss is finite ({learn.loss.item():.4g}): stopping the fit before this step")
     print(msg)
