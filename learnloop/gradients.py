@@ -6,7 +6,7 @@
 __all__ = ['GradientClippingCB', 'GradientAccumulationCB', 'MixedPrecisionCB']
 
 # %% ../nbs/07_gradients.ipynb #6a9f5967
-import inspect, math, numbers
+import math, numbers
 import torch
 from torch import nn
 from fastcore.basics import patch

@@ -12,7 +12,7 @@ from functools import partial
 import matplotlib.pyplot as plt
 import torch
 from fastcore.basics import patch
-from torch.optim.lr_scheduler import LRScheduler, OneCycleLR
+from torch.optim.lr_scheduler import LRScheduler, OneCycleLR, ReduceLROnPlateau
 from .callbacks import *
 from .learner import *
 from .metrics import MetricsCB, active_metrics
@@ -116,11 +116,15 @@ def _bad_hyper(opt):
             if not _is_valid(name, value): return name, g, value
 
 def _check_factory(sched, cb_name):
-    "Refuse a scheduler (or anything not callable) where `cb_name` needs a factory `sched(opt)`."
+    "Refuse a scheduler (or anything not callable) where `cb_name` needs a factory `sched(opt)`, and `ReduceLROnPlateau`."
     if isinstance(sched, LRScheduler) or not callable(sched):
         got = f"a {type(sched).__name__} already made" if isinstance(sched, LRScheduler) else repr(sched)
         raise TypeError(f"{cb_name} takes a factory that makes a scheduler from the optimizer, e.g. {cb_name}(partial("
                         f"OneCycleLR, max_lr=0.1, total_steps=100)), not {got}: each fit makes a new optimizer")
+    made = getattr(sched, 'func', sched)  # the class inside a partial
+    if isinstance(made, type) and issubclass(made, ReduceLROnPlateau):
+        raise TypeError(f"{cb_name} cannot step ReduceLROnPlateau, which needs a metric: write a callback with order = "
+                        "MetricsCB.order + 1 that calls sched.step(learn.history[-1]['valid_loss']) (see Pitfalls)")
 
 # %% ../nbs/05_schedulers.ipynb #a5fb64e1
 class BaseSchedCB(Callback):
@@ -177,6 +181,7 @@ class RecorderCB(Callback):
 
     def before_fit(self, learn):
         if not self._continue: self.recorder = {name: [] for name in self.names or hyper_names(learn.opt)}
+        for name in self.recorder: get_hyper(learn.opt, name, self.group)  # a name or group it lacks fails now, not mid-fit
         self._continue = False  # True after load_state_dict (see Saving and resuming)
         learn.recorder = self.recorder
 
