@@ -6,6 +6,7 @@
 __all__ = ['GradientClippingCB', 'GradientAccumulationCB', 'MixedPrecisionCB']
 
 # %% ../nbs/07_gradients.ipynb #6a9f5967
+import math, numbers
 import torch
 from torch import nn
 from fastcore.basics import patch
@@ -13,11 +14,29 @@ from .callbacks import *
 from .learner import *
 from .utils import model_device
 
+# %% ../nbs/07_gradients.ipynb #c1ec0701
+def _real(x):
+    "`x` as a float if it is a real number (not a bool), else None."
+    return float(x) if isinstance(x, numbers.Real) and not isinstance(x, bool) else None
+
+def _check_clipping(max_norm, norm_type):
+    "Refuse a `max_norm` or a `norm_type` that would train wrongly or fail at the first step."
+    m = _real(max_norm)
+    if m is None or not 0 < m < math.inf:
+        why = {0: ": 0 would zero every gradient, freezing the model", math.inf: ": inf never clips"}.get(m, "")
+        raise ValueError(f"GradientClippingCB: max_norm is the largest gradient norm let through, a finite number > 0, "
+                         f"got {max_norm!r}{why}")
+    p = math.inf if norm_type == 'inf' else _real(norm_type)
+    if p is None or not p > 0:  # NaN fails too
+        raise ValueError(f"GradientClippingCB: norm_type is the p of the p-norm, a number > 0 (2: the usual length, "
+                         f"1: the sum of absolute values) or inf / 'inf' (the largest absolute value), got {norm_type!r}")
+
 # %% ../nbs/07_gradients.ipynb #85044e10
 class GradientClippingCB(Callback):
     "Before each step, rescale the gradients so their total `norm_type`-norm is at most `max_norm`; the norm before clipping goes to `learn.grad_norm`."
     order = -30
     def __init__(self, max_norm=1.0, norm_type=2):
+        _check_clipping(max_norm, norm_type)
         self.max_norm, self.norm_type = max_norm, norm_type
 
     def before_step(self, learn):
@@ -36,9 +55,9 @@ class GradientAccumulationCB(Callback):
     "Step once every `n` training batches on the gradient of their mean loss: exactly one batch `n` times larger."
     order = -40
     def __init__(self, n):
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
             raise ValueError(f"GradientAccumulationCB(n): n is the number of batches per step, a whole number >= 1, got {n!r}")
-        self.n, self.hooked = n, None
+        self.n, self.hooked = int(n), None
         self._new_group()
 
     def _new_group(self): self.count, self.samples, self.planned_batches, self.planned_samples = 0, 0, 0, 0
@@ -128,15 +147,39 @@ def cleanup_batch(self: GradientAccumulationCB, learn):
     self.hooked = None  # do not keep a cancelled batch's graph alive
     learn.accumulating = False
 
+# %% ../nbs/07_gradients.ipynb #c1ec0702
+_SCALER_RULES = {'init_scale':      (lambda x: 0 < x < math.inf, 'a finite number > 0'),
+                 'growth_factor':   (lambda x: 1 < x < math.inf, 'a finite number > 1'),
+                 'backoff_factor':  (lambda x: 0 < x < 1, 'a number in (0, 1)'),
+                 'growth_interval': (lambda x: 1 <= x < math.inf and x == int(x), 'a whole number >= 1')}
+
+def _is_device_type(name):
+    "Whether `name` is a string torch reads as a device ('cpu', 'cuda', 'mps', ...)."
+    try: return isinstance(name, str) and torch.device(name) is not None
+    except RuntimeError: return False
+
+def _check_mixed_precision(dtype, device_type, scaler_kwargs):
+    "Refuse settings that `torch.autocast` or `GradScaler` would refuse only at the fit, or accept and never train."
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"MixedPrecisionCB(dtype=...) takes torch.bfloat16 or torch.float16, got {dtype}")
+    if scaler_kwargs and dtype != torch.float16:
+        raise ValueError(f"{list(scaler_kwargs)}: GradScaler arguments are for dtype=torch.float16 only (bfloat16 needs no scaler)")
+    if device_type is not None and not _is_device_type(device_type):
+        raise ValueError(f"MixedPrecisionCB: device_type={device_type!r} is not a device type: use 'cuda', 'cpu', 'mps', "
+                         "..., or None for the model's device")
+    for key, value in scaler_kwargs.items():
+        if key == 'enabled': continue
+        if key not in _SCALER_RULES:
+            raise TypeError(f"MixedPrecisionCB: {key!r} is not an argument of GradScaler: it takes {', '.join(_SCALER_RULES)}, enabled")
+        if _real(value) is None or not _SCALER_RULES[key][0](_real(value)):
+            raise ValueError(f"MixedPrecisionCB: {key} must be {_SCALER_RULES[key][1]}, got {value!r}")
+
 # %% ../nbs/07_gradients.ipynb #fdce3177
 class MixedPrecisionCB(Callback):
     "Run `predict` and `get_loss` under `torch.autocast(device_type, dtype)`; for float16, scale gradients with a `GradScaler(**scaler_kwargs)` and skip the steps that overflow."
     order = -60
     def __init__(self, dtype=torch.bfloat16, device_type=None, **scaler_kwargs):
-        if dtype not in (torch.bfloat16, torch.float16):
-            raise ValueError(f"MixedPrecisionCB(dtype=...) takes torch.bfloat16 or torch.float16, got {dtype}")
-        if scaler_kwargs and dtype != torch.float16:
-            raise ValueError(f"{list(scaler_kwargs)}: GradScaler arguments are for dtype=torch.float16 only (bfloat16 needs no scaler)")
+        _check_mixed_precision(dtype, device_type, scaler_kwargs)
         self.dtype, self.device_type, self.scaler_kwargs = dtype, device_type, scaler_kwargs
         self.scaler, self.scaler_device, self._scaler_state = None, None, {}
         self.autocast, self.autocasting, self.hooked = None, False, None

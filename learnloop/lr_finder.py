@@ -6,7 +6,7 @@
 __all__ = ['LRFinderCB', 'suggest_lr', 'plot_lr_find', 'preserve_learner', 'lr_find']
 
 # %% ../nbs/08_lr_finder.ipynb #ac1809fb
-import copy, math, random, warnings
+import copy, math, numbers, random, warnings
 from contextlib import contextmanager
 import numpy as np
 import torch
@@ -20,11 +20,27 @@ from .utils import loader_generators, rng_state, set_rng_state
 from .metrics import MetricsCB
 from .schedulers import BaseSchedCB
 
+# %% ../nbs/08_lr_finder.ipynb #c1ec0801
+def _real(x):
+    "`x` as a float if it is a real number (not a bool), else None."
+    return float(x) if isinstance(x, numbers.Real) and not isinstance(x, bool) else None
+
+def _check_search(lr_mult, max_mult, beta):
+    "Refuse the settings of the search that would make it go wrong, naming the parameter."
+    if not 1 < (_real(lr_mult) or 0) < math.inf:
+        raise ValueError(f"lr_mult is the factor the lr grows by after each batch, a finite number > 1, got {lr_mult!r}")
+    if not 1 < (_real(max_mult) or 0):
+        raise ValueError(f"max_mult: the search stops when the loss exceeds max_mult x its minimum, so it is a number > 1 "
+                         f"(inf: stop only at a NaN loss), got {max_mult!r}")
+    if _real(beta) is None or not 0 <= beta < 1:
+        raise ValueError(f"beta is the weight of the past in the loss's moving average, a number in [0, 1), got {beta!r}")
+
 # %% ../nbs/08_lr_finder.ipynb #12873d4c
 class LRFinderCB(Callback):
     "Multiply the lr by `lr_mult` after each training batch, recording (lr, loss); stop when the loss is NaN or its average exceeds `max_mult` x its minimum."
     order = -20
     def __init__(self, lr_mult=1.3, max_mult=3, beta=0.8):
+        _check_search(lr_mult, max_mult, beta)
         self.lr_mult, self.max_mult, self.beta, self.sched, self._continue = lr_mult, max_mult, beta, None, False
         self.lrs, self.losses, self.avg, self.min_loss = [], [], 0., math.inf
 
@@ -141,6 +157,14 @@ def preserve_learner(learn):
     try: yield learn
     finally: _restore_learner(learn, saved)
 
+# %% ../nbs/08_lr_finder.ipynb #c1ec0802
+def _check_lr_find(start_lr, max_epochs):
+    "Refuse a `start_lr` or `max_epochs` that `lr_find` cannot search with, naming the parameter."
+    if not 0 < (_real(start_lr) or 0) < math.inf:
+        raise ValueError(f"lr_find: start_lr is the first lr of the search, a finite number > 0, got {start_lr!r}")
+    if isinstance(max_epochs, bool) or not isinstance(max_epochs, numbers.Integral) or max_epochs < 1:
+        raise ValueError(f"lr_find: max_epochs is the most epochs the search may take, a whole number >= 1, got {max_epochs!r}")
+
 # %% ../nbs/08_lr_finder.ipynb #5e4d8baa
 def _sits_out_search(cb):
     "Whether `lr_find` sets `cb` aside: the schedules (they steer the lr), `MetricsCB` and every callback ordered after it (they watch)."
@@ -148,10 +172,11 @@ def _sits_out_search(cb):
 
 def lr_find(learn, lr_mult=1.3, start_lr=1e-5, max_epochs=10, max_mult=3, plot=True, plot_path=None):
     "Train with an lr growing from `start_lr` by `lr_mult` per batch until the loss explodes; plot loss vs lr and return a suggested lr. `learn` is left as it was."
-    finder = LRFinderCB(lr_mult, max_mult)
+    _check_lr_find(start_lr, max_epochs)
+    finder = LRFinderCB(lr_mult, max_mult)  # checks lr_mult and max_mult: all before anything changes
     with preserve_learner(learn):
         learn.remove_cbs([cb for cb in learn.cbs if _sits_out_search(cb)])
-        learn.fit(max_epochs, valid=False, cbs=finder, lr=start_lr)
+        learn.fit(int(max_epochs), valid=False, cbs=finder, lr=start_lr)
     suggestion = suggest_lr(finder.lrs, finder.losses)
     if plot: plot_lr_find(finder.lrs, finder.losses, suggestion, plot_path)
     return suggestion

@@ -170,9 +170,11 @@ def cleanup_fit(self: SaveBestModelCB, learn):
 
 # %% ../nbs/06_early_stopping.ipynb #fcf6ab0a
 class TerminateOnNaNCB(Callback):
-    "Stop the fit at the first loss that is NaN or infinite (training or validation), before it reaches the weights."
+    "Stop the fit at the first loss that is NaN or infinite (training or validation), before it reaches the weights; with `check_grads=True`, also at the first NaN or infinite gradient, before the step."
     order = -45  # in after_loss, so before backward and step
-    def __init__(self): super().__init__()  # no settings (and show_doc shows `TerminateOnNaNCB()`)
+    def __init__(self, check_grads=False):
+        if not isinstance(check_grads, bool): raise TypeError(f"TerminateOnNaNCB(check_grads=...) is True or False, got {check_grads!r}")
+        self.check_grads = check_grads
 
     def after_loss(self, learn):
         if torch.isfinite(learn.loss): return  # one device sync per batch
@@ -181,6 +183,25 @@ class TerminateOnNaNCB(Callback):
         msg = f"TerminateOnNaNCB: the loss is {learn.loss.item()} at {where}: {stop}"
         print(msg)
         raise CancelFitException(msg)
+
+# %% ../nbs/06_early_stopping.ipynb #c1ec0604
+def _finite_grads_flag(opt):
+    "A boolean tensor, computed on the device: is every gradient of `opt`'s parameters free of NaN and inf?"
+    grads = [p.grad for group in opt.param_groups for p in group['params'] if p.grad is not None and p.grad.numel()]
+    if not grads: return torch.tensor(True)
+    norms = torch._foreach_norm(grads, math.inf)  # each one's largest |value|, NaN or inf if any is; fused on a GPU
+    return torch.stack([n.to(grads[0].device) for n in norms]).isfinite().all()
+
+@patch
+def before_step(self: TerminateOnNaNCB, learn):
+    "With `check_grads`, stop the fit before the step if a gradient is NaN or infinite (one device sync per step)."
+    if not self.check_grads or _finite_grads_flag(learn.opt): return  # `if` on a tensor: the sync
+    first = next((n for n, p in learn.model.named_parameters() if p.grad is not None and not p.grad.isfinite().all()),
+                 'a parameter outside learn.model')
+    msg = (f"TerminateOnNaNCB: a gradient is NaN or infinite (first in {first}) at epoch {learn.epoch}, batch "
+           f"{learn.iter}, while the loss is finite ({learn.loss.item():.4g}): stopping the fit before this step")
+    print(msg)
+    raise CancelFitException(msg)
 
 # %% ../nbs/06_early_stopping.ipynb #933e5f65
 @patch
