@@ -238,13 +238,13 @@ class TrainCB(Callback):
     def step(self, learn): learn.opt.step()
     def zero_grad(self, learn): learn.opt.zero_grad()
 
-# %% ../nbs/01_learner.ipynb #b3b09caa
+# %% ../nbs/01_learner.ipynb #f31253e7
 def _batch_kind(batch):
     "What `batch` is, in words, for an error message."
     if isinstance(batch, torch.Tensor): return f"a bare tensor of shape {tuple(batch.shape)}"
     if isinstance(batch, dict): return f"a dict with keys {list(batch)}"
     if isinstance(batch, (list, tuple)): return f"{len(batch)} item{'s' if len(batch) != 1 else ''}"
-    return f"a {type(batch).__name__}"
+    return f"an object of type {type(batch).__name__}"
 
 def _batch_fix(batch, n_inp):
     "How to turn `batch` into `n_inp` inputs and one target."
@@ -259,17 +259,18 @@ def _batch_fix(batch, n_inp):
     fix = "if the target is missing, use TensorDataset(x, y) (only get_preds works without targets)"
     return fix + (f"; for a model of {n - 1} input{'s' if n > 2 else ''} use TrainCB(n_inp={n - 1})" if n > 1 else '')
 
-# %% ../nbs/01_learner.ipynb #9cec8bb4
+# %% ../nbs/01_learner.ipynb #ee4b7be6
 def split_batch(batch, n_inp=1, need_target=True):
     "`(inputs, target)`: the first `n_inp` items of `batch` (a list) and the one item after them (None if `need_target` is False and there is none)."
     if isinstance(batch, (list, tuple)):
         if len(batch) == n_inp + 1: return list(batch[:n_inp]), batch[n_inp]
         if len(batch) == n_inp and not need_target: return list(batch), None
-    expected = f"{n_inp} input{'s' if n_inp > 1 else ''} and one target" + ('' if need_target else ' (or the inputs alone)')
+    example = '(x, y)' if n_inp == 1 else '(' + ', '.join(f'x{i + 1}' for i in range(n_inp)) + ', y)'
+    expected = f"{n_inp} input{'s' if n_inp > 1 else ''} and one target, {example}" + ('' if need_target else ', or the inputs alone')
     error = ValueError if isinstance(batch, (list, tuple)) else TypeError
-    raise error(f"a batch must be a tuple of {expected}, e.g. (x, y); got {_batch_kind(batch)}: {_batch_fix(batch, n_inp)}")
+    raise error(f"a batch must be a tuple of {expected}; got {_batch_kind(batch)}: {_batch_fix(batch, n_inp)}")
 
-# %% ../nbs/01_learner.ipynb #4ecc1b80
+# %% ../nbs/01_learner.ipynb #24980205
 _SAME_SHAPE = (F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss, F.binary_cross_entropy, F.binary_cross_entropy_with_logits)
 _SAME_SHAPE_MODULES = (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss, nn.BCELoss, nn.BCEWithLogitsLoss)
 _CLASS_INDEX, _CLASS_INDEX_MODULES = (F.cross_entropy, F.nll_loss), (nn.CrossEntropyLoss, nn.NLLLoss)
@@ -290,7 +291,7 @@ def _ignore_index(loss_func):
     if isinstance(loss_func, partial): return loss_func.keywords.get('ignore_index', -100)
     return getattr(loss_func, 'ignore_index', -100)
 
-# %% ../nbs/01_learner.ipynb #e7876adb
+# %% ../nbs/01_learner.ipynb #00ebefba
 def _check_class_targets(name, preds, target, ignore_index):
     "One class index per item, each in `[0, number of outputs)` or `ignore_index`; one sync."
     n_out = preds.shape[1] if preds.ndim > 1 else preds.shape[0]
@@ -298,7 +299,7 @@ def _check_class_targets(name, preds, target, ignore_index):
     if target.shape != expected:
         raise ValueError(f"{name} needs one class index per item: for the model's output {tuple(preds.shape)} a target of "
                          f"shape {tuple(expected)}, got {tuple(target.shape)}: reshape the target (e.g. y.squeeze(1) for (N, 1))")
-    if target.numel() == 0: return
+    if target.numel() == 0 or target.is_meta: return  # no values to read
     counted = target.masked_fill(target == ignore_index, 0)  # the items to skip count as class 0
     lo, hi = torch.stack([counted.min(), counted.max()]).tolist()  # the one sync
     if hi >= n_out: raise ValueError(f"the largest target is {hi}, but the model has {n_out} outputs: {name} needs class indices "
@@ -306,7 +307,7 @@ def _check_class_targets(name, preds, target, ignore_index):
     if lo < 0: raise ValueError(f"the smallest target is {lo}: {name} needs class indices 0 to {n_out - 1} "
                                 f"(or {ignore_index}, its ignore_index, for items to skip): check the labels")
 
-# %% ../nbs/01_learner.ipynb #4fb7c374
+# %% ../nbs/01_learner.ipynb #416fd69d
 def check_loss_inputs(loss_func, preds, target):
     "Refuse `preds` and `target` that `loss_func` would misread: same shapes for element-wise losses, class indices in range for class losses. Other loss functions are not checked."
     kind = _loss_kind(loss_func)
@@ -319,10 +320,12 @@ def check_loss_inputs(loss_func, preds, target):
     if kind == 'class index' and not target.is_floating_point():  # float targets: class probabilities, any values
         _check_class_targets(name, preds, target, _ignore_index(loss_func))
 
-# %% ../nbs/01_learner.ipynb #f1f5beca
+# %% ../nbs/01_learner.ipynb #1b8e061c
 def _first_train_batch(learn):
-    "Whether this is the first training batch of the fit (`learn.training` is False in inference)."
-    return learn.training and learn.iter == 0 and learn.epoch == learn.epochs[0]
+    "True at the first training batch of each fit: each fit makes a new optimizer, which we remember (False in inference)."
+    if not learn.training or getattr(learn, '_checked_opt', None) is learn.opt: return False
+    learn._checked_opt = learn.opt
+    return True
 
 def _check_n_inp(n_inp):
     "`n_inp`, the number of model inputs at the start of each batch: a whole number >= 1."
@@ -330,7 +333,7 @@ def _check_n_inp(n_inp):
         raise ValueError(f"n_inp is how many items of each batch go into the model, a whole number >= 1; got {n_inp!r}")
     return n_inp
 
-# %% ../nbs/01_learner.ipynb #956d7b94
+# %% ../nbs/01_learner.ipynb #bb72f70a
 @patch(as_prop=True)
 def n_inp(self: Learner):
     "How many items at the start of each batch go into the model (the one after them is the target): `TrainCB`'s `n_inp`, else 1."
