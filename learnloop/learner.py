@@ -283,6 +283,7 @@ def _loss_kind(loss_func):
     return None
 
 def _loss_name(loss_func):
+    "The loss function's name, for messages: `mse_loss`, `CrossEntropyLoss`."
     f = loss_func.func if isinstance(loss_func, partial) else loss_func
     return getattr(f, '__name__', type(f).__name__)
 
