@@ -79,10 +79,6 @@ def _inference(learn, dl):
         finally: run('cleanup_inference')
 
 # %% ../nbs/11_inference.ipynb #012b314c
-def _n_inp(learn):
-    "How many elements of a batch are inputs: `TrainCB`'s `n_inp`, else 1."
-    return next((cb.n_inp for cb in learn.cbs if isinstance(cb, TrainCB)), 1)
-
 def _one(parts):
     "None for no part, the part itself for one, a tuple for several."
     return None if not parts else parts[0] if len(parts) == 1 else tuple(parts)
@@ -92,10 +88,12 @@ def _predict_batch(learn, run, batch, n_inp, with_input=False, loss=None, act=No
     learn.batch = list(batch) if isinstance(batch, tuple) else batch
     try:
         run('before_batch')
+        inputs, target = split_batch(learn.batch, n_inp, need_target=loss is not None)  # as in training, or the inputs alone
+        if target is None: learn.batch = [*inputs, None]  # the steps read (inputs, target), as in training
         learn.predict(); run('after_predict')
         n = _batch_size(learn.preds)
-        out = {'targs': _one(learn.batch[n_inp:])}
-        if with_input: out['inputs'] = _one(learn.batch[:n_inp])
+        out = {'targs': target}
+        if with_input: out['inputs'] = _one(inputs)
         if loss == 'mean':
             learn.get_loss(); run('after_loss')
             out['loss_sum'] = learn.loss.float() * n  # summed over batches, divided by the count
@@ -132,7 +130,7 @@ def _as_tuple(out, with_input, with_loss):
 @patch
 def iter_preds(self: Learner, dl=None, with_input=False, with_loss=False, act=None):
     "Yield each batch's `(inputs,) preds, targs (, losses)` of `dl` (default `dls.valid`) on the CPU, one at a time."
-    dl, n_inp = _check_dl(self, dl, 'iter_preds'), _n_inp(self)
+    dl, n_inp = _check_dl(self, dl, 'iter_preds'), self.n_inp
     with _inference(self, dl) as run:
         for self.iter, batch in enumerate(self.dl):
             with torch.no_grad(): out = _predict_batch(self, run, batch, n_inp, with_input, 'item' if with_loss else None, act)
@@ -147,7 +145,7 @@ def _cat(parts):
 
 def _collect(learn, dl, with_input=False, loss=None, act=None):
     "Run inference over `dl`; every batch's parts concatenated, after the callbacks' `after_inference`."
-    n_inp = _n_inp(learn)
+    n_inp = learn.n_inp
     outs = []
     with _inference(learn, dl) as run, torch.no_grad():
         for learn.iter, batch in enumerate(learn.dl): outs.append(_predict_batch(learn, run, batch, n_inp, with_input, loss, act))
@@ -212,6 +210,8 @@ def _item_example(learn):
 def _as_batch(learn, x):
     "`x` as a batch, and whether it was one item."
     if not isinstance(x, torch.Tensor): raise TypeError(f"infer takes a tensor, got {type(x).__name__}")
+    if learn.n_inp != 1: raise ValueError(f"infer takes one input tensor, but this learner's model takes {learn.n_inp} "
+                                          f"(n_inp={learn.n_inp}): use get_preds on a DataLoader of such inputs")
     example = _item_example(learn)
     if example is None: return x, False  # nothing to compare with: take it as a batch
     if x.dtype != example.dtype:
@@ -287,7 +287,7 @@ def summary(self: Learner, dl=None):
             for h in hooks: h.remove()
     params = list(self.model.parameters())
     return Summary(rows, sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad),
-                   _shape(_one(list(batch[:_n_inp(self)]))))
+                   _shape(_one(split_batch(batch, self.n_inp, need_target=False)[0])))
 
 # %% ../nbs/11_inference.ipynb #a40e28bd
 from .utils import ChecksumError, load_checked, save_checked

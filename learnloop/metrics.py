@@ -21,15 +21,27 @@ def camel2snake(name):
     return re.sub(r'([a-z0-9])([A-Z])', r'\1_\2', name).lower()
 
 # %% ../nbs/02_metrics.ipynb #5c583c8e
+from torcheval.metrics import Metric
+
+def _check_metric(m, name=None):
+    "`m` if it is a torcheval metric (an instance of `torcheval.metrics.Metric`), else an error that shows the fix."
+    if isinstance(m, Metric): return m
+    shown = getattr(m, '__name__', None) or repr(m)
+    arg = f"{name}={shown}" if name else shown
+    if isinstance(m, type) and issubclass(m, Metric):
+        raise TypeError(f"MetricsCB({arg}): {m.__name__} is a class: pass an instance, MetricsCB({name or 'accuracy'}={m.__name__}())")
+    raise TypeError(f"MetricsCB({arg}): a {type(m).__name__} is not a torcheval metric: pass a torcheval metric instance, "
+                    f"e.g. MetricsCB({name or 'accuracy'}=MulticlassAccuracy()) (from torcheval.metrics import MulticlassAccuracy)")
+
 def _name_metrics(ms, metrics):
     "The metrics by name: the positional ones named after their class in snake case, then the keyword ones."
     named = {}
     for m in ms:
-        name = camel2snake(type(m).__name__)
+        name = camel2snake(type(_check_metric(m)).__name__)
         if name in named or name in metrics:
             raise ValueError(f"two metrics are named {name!r}: pass one of them by keyword, e.g. MetricsCB({name}_2=...)")
         named[name] = m
-    named.update(metrics)
+    named.update({name: _check_metric(m, name) for name, m in metrics.items()})
     if 'loss' in named: raise ValueError("MetricsCB always computes 'loss': give your metric another name")
     return named
 
@@ -49,6 +61,7 @@ class MetricsCB(Callback):
         learn.metrics, learn.history = self, self.history
 
     def before_epoch(self, learn):
+        self._n_inp = learn.n_inp  # how many inputs come before the target, read once per phase
         if self._resume: return self._continue_phase(learn)  # a phase saved in its middle goes on
         self._phase = (learn.epoch, learn.phase)
         for m in self.metrics.values(): m.reset()
@@ -59,7 +72,8 @@ class MetricsCB(Callback):
 @patch
 def after_batch(self: MetricsCB, learn):
     "Keep the batch's detached predictions, targets and loss, and its size: no computation, no sync."
-    preds, targs = learn.preds.detach(), learn.batch[-1].detach()
+    _, targs = split_batch(learn.batch, self._n_inp)  # a type and a length check: batches that are not (inputs, target) fail
+    preds, targs = learn.preds.detach(), targs.detach()
     if self.metrics:
         if self._buffered and self._buffered + preds.numel() > self.buffer_size: self.flush()
         self._preds.append(preds)
@@ -119,6 +133,9 @@ def _compute(self: MetricsCB):
 @patch
 def after_epoch(self: MetricsCB, learn):
     "Compute the phase's numbers, write them into the epoch's row of `learn.history`, and log them."
+    if learn.iter is None:
+        raise ValueError(f"MetricsCB: the {learn.phase} phase of epoch {learn.epoch} had no batch (its DataLoader is empty): "
+                         f"there is nothing to measure: give it data, or skip the phase with fit(..., {learn.phase}=False)")
     values = self._compute()
     if self._row_epoch != learn.epoch:  # the epoch's first finished phase starts the epoch's row
         self.history.append({'epoch': learn.epoch})
