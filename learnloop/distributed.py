@@ -35,7 +35,7 @@ def _check_launch(env, timeout):
     missing = [k for k in _TORCHRUN_VARS if k not in env]
     if env.get('WORLD_SIZE', '1') != '1' and missing:  # else each process would train alone, unaware of the others
         raise RuntimeError(f"WORLD_SIZE={env['WORLD_SIZE']} says this process is one of several, but {', '.join(missing)} "
-                           "not set: launch the script with torchrun, which sets them all")
+                           f"{'is' if len(missing) == 1 else 'are'} not set: launch the script with torchrun, which sets them all")
     seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
     if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or not 0 < seconds < math.inf:
         raise ValueError(f"timeout={timeout!r}: give the seconds a collective may wait for the other processes, e.g. 600")
@@ -192,7 +192,7 @@ class _QuietRankCB(Callback):
             for name in names: delattr(cb, name)
         learn.remove_cbs(self)  # which also makes the learner look up its callbacks' handlers again
 
-# %% ../nbs/10_distributed.ipynb #0276d016
+# %% ../nbs/10_distributed.ipynb #3116b6fd
 def _check_settings(main_only, seed):
     "`main_only` as a tuple of class names; an error saying what to pass if it or `seed` cannot be what they must."
     if not (isinstance(main_only, (tuple, list, set)) and all(isinstance(o, (str, type)) for o in main_only)):
@@ -202,6 +202,7 @@ def _check_settings(main_only, seed):
         raise TypeError(f"DistributedCB(seed={seed!r}): the seed of the shuffle must be a whole number, e.g. seed=0")
     return tuple(o if isinstance(o, str) else o.__name__ for o in main_only)
 
+# %% ../nbs/10_distributed.ipynb #0276d016
 class DistributedCB(Callback):
     "Train on every process of a `torchrun` launch with DDP: split the data, sync the gradients, reduce the metrics."
     order = -90
