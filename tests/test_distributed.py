@@ -81,27 +81,31 @@ def fit_all(make_train_dl, distributed_cb=None, rank=0):
                          'model_type': type(learn.model).__name__}
     return results
 
-class CrashCB(Callback):
-    "Raise an error before training batch `at[1]` of epoch `at[0]`, in every process: the machine dies."
-    def __init__(self, at): self.at = at
-    def before_batch(self, learn):
-        if learn.training and (learn.epoch, learn.iter) == self.at: raise RuntimeError("the machine died")
-
 def resume_mid_epoch(train_dl, distributed_cb):
-    """Fit 2 epochs saving checkpoints (on rank 0), then again from the one after batch 4 of epoch 1; and a fit that
-    dies before batch 5 of epoch 1, restarted from its folder. The final weights and history of each."""
+    "Fit 2 epochs saving checkpoints (on rank 0), then again from the one after batch 4 of epoch 1: both final states."
     learn = make_learner([distributed_cb(), CheckpointCB('ckpt', every_n_batches=4, keep=10)], train_dl)
     learn.fit(2)
     resumed = make_learner([distributed_cb(), ResumeCB('ckpt/ckpt-e0001-b000004.pt')], train_dl)
     with torch.no_grad():
         for p in resumed.model.parameters(): p.add_(1.)  # other weights: only a real resume can end like `learn`
     resumed.fit(2)
+    return final_states(uninterrupted=learn, resumed=resumed)
+
+def final_states(**learners): return {k: {'weights': l.model.state_dict(), 'history': l.history} for k, l in learners.items()}
+
+class CrashCB(Callback):
+    "Raise an error before training batch `at[1]` of epoch `at[0]`, in every process: the machine dies."
+    def __init__(self, at): self.at = at
+    def before_batch(self, learn):
+        if learn.training and (learn.epoch, learn.iter) == self.at: raise RuntimeError("the machine died")
+
+def crash_and_restart(train_dl, distributed_cb):
+    "Fit 2 epochs saving every 4 batches, dying before batch 5 of epoch 1; then again, restarted from the folder."
     crashed = make_learner([distributed_cb(), CheckpointCB('crash', every_n_batches=4)], train_dl)
     with pytest.raises(RuntimeError, match='the machine died'): crashed.fit(2, cbs=CrashCB(at=(1, 5)))
     restarted = make_learner([distributed_cb(), CheckpointCB('crash', every_n_batches=4), ResumeCB('crash')], train_dl)
     restarted.fit(2)
-    return {name: {'weights': l.model.state_dict(), 'history': l.history}
-            for name, l in (('uninterrupted', learn), ('resumed', resumed), ('restarted', restarted))}
+    return final_states(restarted=restarted)
 
 def resume_mid_accumulation(train_dl, distributed_cb):
     "Fit 2 epochs accumulating 2 batches, saving after 3 batches (inside a group); again from epoch 1's: both final states."
@@ -110,7 +114,7 @@ def resume_mid_accumulation(train_dl, distributed_cb):
     learn.fit(2)
     resumed = make_learner(cbs(ResumeCB('acc/ckpt-e0001-b000003.pt')), train_dl)
     resumed.fit(2)
-    return {name: {'weights': l.model.state_dict(), 'history': l.history} for name, l in (('uninterrupted', learn), ('resumed', resumed))}
+    return final_states(uninterrupted=learn, resumed=resumed)
 
 # ---- the torchrun side
 def child(mode, out):
@@ -123,6 +127,9 @@ def child(mode, out):
         train_dl = lambda dtype: DataLoader(dataset(N_TRAIN, 0, dtype), batch_size=BS, shuffle=True)
         results = fit_all(train_dl, lambda: DistributedCB(seed=SEED), rank)
         results['resumed'] = resume_mid_epoch(train_dl(torch.float64), lambda: DistributedCB(seed=SEED))
+        (Path(out) / 'more').mkdir(exist_ok=True)
+        os.chdir(Path(out) / 'more')  # the folders of these fits stay out of the work folder, whose files a test lists
+        results['restarted'] = crash_and_restart(train_dl(torch.float64), lambda: DistributedCB(seed=SEED))
         results['resumed_accumulating'] = resume_mid_accumulation(train_dl(torch.float64), lambda: DistributedCB(seed=SEED))
         torch.save(results, Path(out) / f'results_{rank}.pt')
     elif mode == 'uneven':  # rank 1 has fewer training samples: 4 batches instead of 6
@@ -212,12 +219,12 @@ def test_early_stopping_stops_every_rank_at_the_same_epoch(trained):
 def test_resume_from_a_checkpoint_mid_epoch_on_every_rank(trained):
     ranks, _, _, out = trained
     for r in range(WORLD):
-        fits = ranks[r]['resumed']
-        for name in ('resumed', 'restarted'):  # from a chosen checkpoint; after a crash, from the folder's newest
-            weights, uninterrupted = fits[name]['weights'], fits['uninterrupted']['weights']
-            for k, v in uninterrupted.items(): assert torch.equal(v, weights[k]), (r, name, k)
+        uninterrupted = ranks[r]['resumed']['uninterrupted']
+        # from a chosen checkpoint, and after a crash from the folder's newest (fits of the same data and model)
+        for resumed in (ranks[r]['resumed']['resumed'], ranks[r]['restarted']['restarted']):
+            for k, v in uninterrupted['weights'].items(): assert torch.equal(v, resumed['weights'][k]), (r, k)
             # the same history to the bit, the resumed epoch's training metrics included: every rank got its part back
-            assert fits[name]['history'] == fits['uninterrupted']['history'], (r, name, fits[name]['history'])
+            assert resumed['history'] == uninterrupted['history'], (r, resumed['history'], uninterrupted['history'])
     assert 'ResumeCB: resuming from ckpt/ckpt-e0001-b000004.pt' in out[0]['stdout']
     assert 'ResumeCB: resuming from crash/ckpt-e0001-b000004.pt' in out[0]['stdout']
 
@@ -227,9 +234,10 @@ def test_resume_in_the_middle_of_a_gradient_accumulation(trained):
         fits = ranks[r]['resumed_accumulating']
         for k, v in fits['uninterrupted']['weights'].items(): assert torch.equal(v, fits['resumed']['weights'][k]), (r, k)
         assert fits['resumed']['history'] == fits['uninterrupted']['history'], r
-    state = torch.load(work / 'acc' / 'ckpt-e0001-b000003.pt', weights_only=True)['cbs']['DistributedCB']
-    assert len(state['rank_grads']) == WORLD and not torch.equal(state['rank_grads'][0]['0.weight'], state['rank_grads'][1]['0.weight'])
-    state = torch.load(work / 'acc' / 'ckpt-e0001-b000006.pt', weights_only=True)['cbs']['DistributedCB']
+    folder = work.parent / 'more' / 'acc'
+    grads = torch.load(folder / 'ckpt-e0001-b000003.pt', weights_only=True)['cbs']['DistributedCB']['rank_grads']
+    assert len(grads) == WORLD and not torch.equal(grads[0]['0.weight'], grads[1]['0.weight'])
+    state = torch.load(folder / 'ckpt-e0001-b000006.pt', weights_only=True)['cbs']['DistributedCB']
     assert state == {'train_epochs': 1}  # after a step: no gradients to keep
 
 def test_a_checkpoint_mid_epoch_holds_every_ranks_part_of_the_phase(trained):
@@ -248,7 +256,7 @@ def test_no_gradient_sync_on_accumulation_steps(trained):
 
 def test_only_rank_0_writes_files_and_prints(trained):
     ranks, _, work, out = trained
-    assert sorted(p.name for p in work.iterdir()) == ['acc', 'best_0.pt', 'ckpt', 'crash', 'history_0.csv', 'plot_0.png']
+    assert sorted(p.name for p in work.iterdir()) == ['best_0.pt', 'ckpt', 'history_0.csv', 'plot_0.png']
     assert torch.load(work / 'best_0.pt').keys() == ranks[0]['early_stop']['weights'].keys()  # no 'module.' prefix
     assert 'train_accuracy' in out[0]['stdout'] and 'EarlyStoppingCB: stopping' in out[0]['stdout']
     assert out[1]['stdout'] == ''
