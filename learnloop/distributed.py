@@ -6,7 +6,7 @@
 __all__ = ['init_distributed', 'is_main_process', 'num_processes', 'DistributedCB']
 
 # %% ../nbs/10_distributed.ipynb #35af45dd
-import copy, gc, os, sys
+import copy, gc, math, numbers, os, sys
 from datetime import timedelta
 import torch
 import torch.distributed as dist
@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, IterableDataset, RandomSampler, Sampler
 from torch.utils.data.distributed import DistributedSampler
 from .callbacks import *
 from .metrics import MetricsCB, active_metrics
-from .utils import to_cpu
+from .utils import checksum, to_cpu
 
 # %% ../nbs/10_distributed.ipynb #f094a6e7
 _TORCHRUN_VARS = ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT')
@@ -30,10 +30,20 @@ def _is_distributed():
     "Whether this process belongs to an initialised process group."
     return dist.is_available() and dist.is_initialized()
 
+def _check_launch(env, timeout):
+    "Fail if `env` says there are several processes but misses what they need to meet, or if `timeout` is no duration."
+    missing = [k for k in _TORCHRUN_VARS if k not in env]
+    if env.get('WORLD_SIZE', '1') != '1' and missing:  # else each process would train alone, unaware of the others
+        raise RuntimeError(f"WORLD_SIZE={env['WORLD_SIZE']} says this process is one of several, but {', '.join(missing)} "
+                           f"{'is' if len(missing) == 1 else 'are'} not set: launch the script with torchrun, which sets them all")
+    seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
+    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or not 0 < seconds < math.inf:
+        raise ValueError(f"timeout={timeout!r}: give the seconds a collective may wait for the other processes, e.g. 600")
 
 # %% ../nbs/10_distributed.ipynb #7c64855d
 def init_distributed(backend=None, timeout=600):
     "Join the process group when launched by `torchrun` (NCCL on GPUs, gloo on CPUs); return whether there is one."
+    _check_launch(os.environ, timeout)
     if _is_distributed(): return True
     if not (dist.is_available() and _launched_by_torchrun()): return False
     backend = backend or ('nccl' if torch.cuda.is_available() else 'gloo')
@@ -41,7 +51,6 @@ def init_distributed(backend=None, timeout=600):
     timeout = timeout if isinstance(timeout, timedelta) else timedelta(seconds=timeout)
     dist.init_process_group(backend, timeout=timeout)  # then a collective waits at most `timeout` for the others
     return True
-
 
 # %% ../nbs/10_distributed.ipynb #d83945fd
 def is_main_process():
@@ -80,12 +89,18 @@ def _shuffles(dl, name):
                     f"process its own part of the data and pass DistributedCB(shard_data=False)")
 
 # %% ../nbs/10_distributed.ipynb #31957441
+def _n_batches(dl):
+    "The number of batches of the DataLoader `dl`; 'unknown' for a loader without a length (say, over an IterableDataset)."
+    try: return len(dl)
+    except TypeError: return 'unknown'
+
 def _fit_plan(learn, shard_data):
     "What every process must agree on, or some would wait forever for the others: epochs, phases, batches."
     plan = {'epochs': learn.n_epochs, 'phases': learn.phases}
-    if 'train' in learn.phases: plan['training batches per epoch'] = len(learn.dls.train)
+    if 'train' in learn.phases: plan['training batches per epoch'] = _n_batches(learn.dls.train)
     if 'valid' in learn.phases:  # every process needs a validation batch: the first forward pass syncs the buffers
-        plan['has validation batches'] = len(learn.dls.valid) > 0
+        n = _n_batches(learn.dls.valid)
+        plan['has validation batches'] = n if n == 'unknown' else n > 0
         if shard_data: plan['validation set size'] = len(learn.dls.valid.dataset)
     return plan
 
@@ -145,11 +160,19 @@ def _class_names(obj): return {c.__name__ for c in type(obj).__mro__}
 
 def _do_nothing(learn): pass
 
+def _collect_states(learn, *args):
+    "`CheckpointCB.save` on rank > 0: ask every callback for its state as rank 0 does (to gather what is spread), write nothing."
+    for cb in learn.cbs:
+        if callable(getattr(cb, 'state_dict', None)): cb.state_dict()
+
 def _mute(cb):
-    "Make the event handlers of the callback `cb` do nothing (instance attributes hide its methods); return their names."
-    names = [n for n in dir(type(cb)) if n.startswith(('before_', 'after_', 'cleanup_')) and callable(getattr(cb, n))]
+    "Make the event handlers of `cb` do nothing (instance attributes hide its methods); return the names hidden."
+    saver = 'CheckpointCB' in _class_names(cb)  # it still decides when to save, but its `save` writes nothing
+    names = [n for n in dir(type(cb)) if n.startswith(('before_', 'after_', 'cleanup_')) and callable(getattr(cb, n))
+             and not (saver and n in ('after_batch', 'after_epoch'))]
     for name in names: setattr(cb, name, _do_nothing)
-    return names
+    if saver: cb.save = _collect_states
+    return names + ['save'] * saver
 
 class _QuietRankCB(Callback):
     "Silence a process of rank > 0 for one fit: no printing, no plot, the `main_only` callbacks muted."
@@ -169,17 +192,30 @@ class _QuietRankCB(Callback):
             for name in names: delattr(cb, name)
         learn.remove_cbs(self)  # which also makes the learner look up its callbacks' handlers again
 
+# %% ../nbs/10_distributed.ipynb #3116b6fd
+def _check_settings(main_only, seed):
+    "`main_only` as a tuple of class names; an error saying what to pass if it or `seed` cannot be what they must."
+    if not (isinstance(main_only, (tuple, list, set)) and all(isinstance(o, (str, type)) for o in main_only)):
+        raise TypeError(f"DistributedCB(main_only={main_only!r}): pass a tuple of callback classes or class names, e.g. "
+                        "main_only=('CSVLoggerCB', 'CheckpointCB')")
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
+        raise TypeError(f"DistributedCB(seed={seed!r}): the seed of the shuffle must be a whole number, e.g. seed=0")
+    return tuple(o if isinstance(o, str) else o.__name__ for o in main_only)
+
 # %% ../nbs/10_distributed.ipynb #0276d016
 class DistributedCB(Callback):
     "Train on every process of a `torchrun` launch with DDP: split the data, sync the gradients, reduce the metrics."
     order = -90
     def __init__(self, shard_data=True, seed=0, main_only=('CSVLoggerCB', 'SaveBestModelCB', 'CheckpointCB'),
                  backend=None, timeout=600, **ddp_kwargs):
-        self.shard_data, self.seed, self.main_only, self.ddp_kwargs = shard_data, seed, main_only, ddp_kwargs
-        self.train_epochs, self.active = 0, False
+        self.main_only = _check_settings(main_only, seed)
+        self.shard_data, self.seed, self.ddp_kwargs = shard_data, seed, ddp_kwargs
+        self.train_epochs, self.active, self.ddp, self.grads = 0, False, None, None
         init_distributed(backend, timeout)
 
     def before_fit(self, learn):
+        if sum(isinstance(cb, DistributedCB) for cb in learn.cbs) > 1:
+            raise ValueError("the learner has several DistributedCBs: keep one (each would split the data and wrap the model)")
         self.active = _is_distributed()
         if not self.active: return
         self.dls = learn.dls
@@ -209,13 +245,12 @@ def _split(self: DistributedCB, dls):
 def before_epoch(self: DistributedCB, learn):
     "Wrap the model in DDP (once, now that every `before_fit` has put it in place); reshuffle the training data."
     if not self.active: return
-    if not isinstance(learn.model, _DDP): learn.model = _wrap(learn, **self.ddp_kwargs)
+    if not isinstance(learn.model, _DDP): learn.model = self.ddp = _wrap(learn, **self.ddp_kwargs)
     if learn.training and self.shard_data: self.sampler.set_epoch(self.train_epochs)  # the same on every process
 
 @patch
 def cleanup_epoch(self: DistributedCB, learn):
     if self.active and learn.training: self.train_epochs += 1
-
 
 # %% ../nbs/10_distributed.ipynb #7bd605be
 @patch
@@ -235,6 +270,7 @@ def after_epoch(self: DistributedCB, learn):
 @patch
 def cleanup_fit(self: DistributedCB, learn):
     "Give the learner its own model and data back."
+    self.ddp = self.grads = None  # gradients loaded by a resume are for this fit only
     if not self.active: return
     if isinstance(learn.model, _DDP):
         learn.model = learn.model.module
@@ -242,10 +278,37 @@ def cleanup_fit(self: DistributedCB, learn):
     learn.dls = self.dls
     self.active = False
 
-@patch
-def state_dict(self: DistributedCB):
-    "The number of training epochs done: the next one's shuffle is seeded with `seed + train_epochs`."
-    return {'train_epochs': self.train_epochs}
+# %% ../nbs/10_distributed.ipynb #9c80c4ca
+def _gather(obj):
+    "`obj` of every process, in rank order: a collective, which every process must call at the same point."
+    objs = [None] * dist.get_world_size()
+    dist.all_gather_object(objs, obj)
+    return objs
 
 @patch
-def load_state_dict(self: DistributedCB, state): self.train_epochs = state['train_epochs']
+def state_dict(self: DistributedCB):
+    "The training epochs done (the next shuffle's seed); during a fit, every process's gradients if they differ."
+    state = {'train_epochs': self.train_epochs}
+    model = self.ddp.module if self.active and self.ddp is not None else None
+    if model is None or all(p.grad is None for p in model.parameters()): return state
+    grads = _gather({name: to_cpu(p.grad) for name, p in model.named_parameters()})
+    if len({checksum(g) for g in grads}) > 1: state['rank_grads'] = grads  # not synced yet: each process its own
+    return state
+
+# %% ../nbs/10_distributed.ipynb #e7ba7ab0
+@patch
+def load_state_dict(self: DistributedCB, state):
+    "Restore `state_dict()`; saved gradients go back to their own process at its next training `after_loss`."
+    grads = state.get('rank_grads')
+    if grads is not None and len(grads) != num_processes():
+        raise ValueError(f"DistributedCB: the state holds the gradients of {len(grads)} processes, but this fit runs in "
+                         f"{num_processes()}: resume with {len(grads)} processes, as the fit that saved it")
+    self.train_epochs, self.grads = state['train_epochs'], None if grads is None else grads[dist.get_rank()]
+
+@patch
+def after_loss(self: DistributedCB, learn):
+    "At the first training batch after a resume: this process's own saved gradients, before `backward` adds to them."
+    if self.grads is None or not learn.training: return
+    for name, p in getattr(learn.model, 'module', learn.model).named_parameters():
+        p.grad = None if self.grads[name] is None else self.grads[name].to(p.device)
+    self.grads = None

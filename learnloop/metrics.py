@@ -190,18 +190,37 @@ def _multi_process():
     dist = torch.distributed
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
+def _every_process(obj):
+    "`obj` of every process, in rank order: a collective, so every process must call it at the same point."
+    objs = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(objs, obj)
+    return objs
+
+def _own_phase(state):
+    "This process's part of the phase saved in the `MetricsCB` state `state` (None if saved between phases)."
+    rank, n = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if _multi_process() else (0, 1)
+    phases = state.get('rank_phases') or ([state['phase']] if state.get('phase') is not None else None)
+    if phases is None: return None
+    if len(phases) != n:
+        saved = f"{len(phases)} process{'es' if len(phases) > 1 else ''}"
+        raise ValueError(f"MetricsCB: the state was saved in the middle of a phase by {saved}, but this fit runs in "
+                         f"{n}: resume with {saved}, as the fit that saved it (each continues its own part of the phase)")
+    return phases[rank]
+
 # %% ../nbs/02_metrics.ipynb #60761d80
 @patch
 def state_dict(self: MetricsCB):
     "A copy of the history; in the middle of a phase, also where it is and all it has summed and buffered so far."
     state = {'history': copy.deepcopy(self.history)}
-    if self._phase is not None and not _multi_process(): state['phase'] = self._phase_state()
+    if self._phase is None: return state
+    if _multi_process(): state['rank_phases'] = _every_process(to_cpu(self._phase_state()))  # each process's own part
+    else: state['phase'] = self._phase_state()
     return state
 
 @patch
 def load_state_dict(self: MetricsCB, state):
     "Restore `state_dict()`: the next fit appends to the history and, if a phase was running, its first phase continues it."
-    phase = state.get('phase')
+    phase = _own_phase(state)  # in a multi-process fit, this process's part
     if phase is not None: self._load_phase(phase)  # first: if it fails, nothing has changed
     self.history, self._continue, self._resume = copy.deepcopy(state['history']), True, phase is not None
 

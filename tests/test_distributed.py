@@ -82,14 +82,39 @@ def fit_all(make_train_dl, distributed_cb=None, rank=0):
     return results
 
 def resume_mid_epoch(train_dl, distributed_cb):
-    "Fit 2 epochs saving checkpoints (on rank 0), then again from the one after batch 4 of epoch 1: both final weights."
+    "Fit 2 epochs saving checkpoints (on rank 0), then again from the one after batch 4 of epoch 1: both final states."
     learn = make_learner([distributed_cb(), CheckpointCB('ckpt', every_n_batches=4, keep=10)], train_dl)
     learn.fit(2)
     resumed = make_learner([distributed_cb(), ResumeCB('ckpt/ckpt-e0001-b000004.pt')], train_dl)
     with torch.no_grad():
         for p in resumed.model.parameters(): p.add_(1.)  # other weights: only a real resume can end like `learn`
     resumed.fit(2)
-    return {'uninterrupted': learn.model.state_dict(), 'resumed': resumed.model.state_dict()}
+    return final_states(uninterrupted=learn, resumed=resumed)
+
+def final_states(**learners): return {k: {'weights': l.model.state_dict(), 'history': l.history} for k, l in learners.items()}
+
+class CrashCB(Callback):
+    "Raise an error before training batch `at[1]` of epoch `at[0]`, in every process: the machine dies."
+    def __init__(self, at): self.at = at
+    def before_batch(self, learn):
+        if learn.training and (learn.epoch, learn.iter) == self.at: raise RuntimeError("the machine died")
+
+def crash_and_restart(train_dl, distributed_cb):
+    "Fit 2 epochs saving every 4 batches, dying before batch 5 of epoch 1; then again, restarted from the folder."
+    crashed = make_learner([distributed_cb(), CheckpointCB('crash', every_n_batches=4)], train_dl)
+    with pytest.raises(RuntimeError, match='the machine died'): crashed.fit(2, cbs=CrashCB(at=(1, 5)))
+    restarted = make_learner([distributed_cb(), CheckpointCB('crash', every_n_batches=4), ResumeCB('crash')], train_dl)
+    restarted.fit(2)
+    return final_states(restarted=restarted)
+
+def resume_mid_accumulation(train_dl, distributed_cb):
+    "Fit 2 epochs accumulating 2 batches, saving after 3 batches (inside a group); again from epoch 1's: both final states."
+    cbs = lambda *more: [distributed_cb(), GradientAccumulationCB(2), *more]
+    learn = make_learner(cbs(CheckpointCB('acc', every_n_batches=3, keep=10)), train_dl)
+    learn.fit(2)
+    resumed = make_learner(cbs(ResumeCB('acc/ckpt-e0001-b000003.pt')), train_dl)
+    resumed.fit(2)
+    return final_states(uninterrupted=learn, resumed=resumed)
 
 # ---- the torchrun side
 def child(mode, out):
@@ -102,6 +127,10 @@ def child(mode, out):
         train_dl = lambda dtype: DataLoader(dataset(N_TRAIN, 0, dtype), batch_size=BS, shuffle=True)
         results = fit_all(train_dl, lambda: DistributedCB(seed=SEED), rank)
         results['resumed'] = resume_mid_epoch(train_dl(torch.float64), lambda: DistributedCB(seed=SEED))
+        (Path(out) / 'more').mkdir(exist_ok=True)
+        os.chdir(Path(out) / 'more')  # the folders of these fits stay out of the work folder, whose files a test lists
+        results['restarted'] = crash_and_restart(train_dl(torch.float64), lambda: DistributedCB(seed=SEED))
+        results['resumed_accumulating'] = resume_mid_accumulation(train_dl(torch.float64), lambda: DistributedCB(seed=SEED))
         torch.save(results, Path(out) / f'results_{rank}.pt')
     elif mode == 'uneven':  # rank 1 has fewer training samples: 4 batches instead of 6
         train_dl = DataLoader(dataset(N_TRAIN - 40 * rank, 0), batch_size=BS, shuffle=True)
@@ -190,8 +219,34 @@ def test_early_stopping_stops_every_rank_at_the_same_epoch(trained):
 def test_resume_from_a_checkpoint_mid_epoch_on_every_rank(trained):
     ranks, _, _, out = trained
     for r in range(WORLD):
-        for k, v in ranks[r]['resumed']['uninterrupted'].items(): assert torch.equal(v, ranks[r]['resumed']['resumed'][k])
+        uninterrupted = ranks[r]['resumed']['uninterrupted']
+        # from a chosen checkpoint, and after a crash from the folder's newest (fits of the same data and model)
+        for resumed in (ranks[r]['resumed']['resumed'], ranks[r]['restarted']['restarted']):
+            for k, v in uninterrupted['weights'].items(): assert torch.equal(v, resumed['weights'][k]), (r, k)
+            # the same history to the bit, the resumed epoch's training metrics included: every rank got its part back
+            assert resumed['history'] == uninterrupted['history'], (r, resumed['history'], uninterrupted['history'])
     assert 'ResumeCB: resuming from ckpt/ckpt-e0001-b000004.pt' in out[0]['stdout']
+    assert 'ResumeCB: resuming from crash/ckpt-e0001-b000004.pt' in out[0]['stdout']
+
+def test_resume_in_the_middle_of_a_gradient_accumulation(trained):
+    ranks, _, work, _ = trained
+    for r in range(WORLD):  # each rank's own unsynced gradients came back: the same weights and history, to the bit
+        fits = ranks[r]['resumed_accumulating']
+        for k, v in fits['uninterrupted']['weights'].items(): assert torch.equal(v, fits['resumed']['weights'][k]), (r, k)
+        assert fits['resumed']['history'] == fits['uninterrupted']['history'], r
+    folder = work.parent / 'more' / 'acc'
+    grads = torch.load(folder / 'ckpt-e0001-b000003.pt', weights_only=True)['cbs']['DistributedCB']['rank_grads']
+    assert len(grads) == WORLD and not torch.equal(grads[0]['0.weight'], grads[1]['0.weight'])
+    state = torch.load(folder / 'ckpt-e0001-b000006.pt', weights_only=True)['cbs']['DistributedCB']
+    assert state == {'train_epochs': 1}  # after a step: no gradients to keep
+
+def test_a_checkpoint_mid_epoch_holds_every_ranks_part_of_the_phase(trained):
+    _, _, work, _ = trained
+    state = torch.load(work / 'ckpt' / 'ckpt-e0001-b000004.pt', weights_only=True)['cbs']['MetricsCB']
+    assert 'phase' not in state and len(state['rank_phases']) == WORLD
+    parts = state['rank_phases']
+    assert [(part['epoch'], part['name'], sum(part['sizes'])) for part in parts] == [(1, 'train', 4 * BS)] * WORLD
+    assert not torch.equal(torch.cat(parts[0]['targs']), torch.cat(parts[1]['targs']))  # each rank's own samples
 
 def test_no_gradient_sync_on_accumulation_steps(trained):
     ranks, _, _, _ = trained
