@@ -124,16 +124,21 @@ def _check_epochs(n_epochs):
         raise ValueError(f"n_epochs must be a whole number >= 1, got {n_epochs!r}")
     return n
 
+def _n_batches(dl):
+    "The number of batches of `dl`, or None when it cannot tell (a stream without a length)."
+    try: return len(dl)
+    except TypeError: return None
+
 def _check_dls(dls, train, valid):
     "Check `dls` has what this fit needs."
     if train and getattr(dls, 'train', None) is None:
         raise ValueError("dls has no `.train` DataLoader: pass DataLoaders(train_dl, valid_dl), or fit(..., train=False) to only validate")
-    if train and hasattr(dls.train, '__len__') and len(dls.train) == 0:
+    if train and _n_batches(dls.train) == 0:
         raise ValueError("the training DataLoader is empty (0 batches): check the dataset's length, "
                          "or use drop_last=False when the batch size is larger than the dataset")
     if valid and not hasattr(dls, 'valid'):
         raise ValueError("dls has no `.valid`: pass DataLoaders(train_dl, valid_dl), or fit(..., valid=False) to skip validation")
-    if valid and dls.valid is not None and hasattr(dls.valid, '__len__') and len(dls.valid) == 0:
+    if valid and dls.valid is not None and _n_batches(dls.valid) == 0:
         raise ValueError("the validation DataLoader is empty (0 batches): its metrics would be NaN, and early stopping or "
                          "best-model saving would act on them: give it a non-empty dataset, or fit(..., valid=False)")
 
