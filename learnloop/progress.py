@@ -73,20 +73,22 @@ class ProgressCB(Callback):
         if plot_path is not None: self.plot_path = Path(plot_path)
         self.mbar, self._metrics = None, None
 
-# %% ../nbs/04_progress.ipynb #72b51bdb
+# %% ../nbs/04_progress.ipynb #7a4d5e97
 def _check_seconds(name, value, none_ok=False):
     "Fail clearly unless `value` is a number of seconds >= 0 (or None, if `none_ok`)."
     if value is None and none_ok: return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ValueError(f"ProgressCB({name}=...) is a number of seconds >= 0{' or None' if none_ok else ''}, not {value!r}")
+        or_none = ' or None' if none_ok else ''
+        raise ValueError(f"ProgressCB({name}=...) is a number of seconds >= 0{or_none}, not {value!r}")
 
 @patch
 def _check_args(self: ProgressCB):
     "Fail clearly, when the callback is made, on arguments that would fail later or be misread."
     if not isinstance(self.plot, bool) or self.notebook not in (None, True, False):
-        raise TypeError(f'ProgressCB: plot= is True or False, notebook= True, False or None; not {self.plot!r}, {self.notebook!r}')
+        raise TypeError('ProgressCB: plot= is True or False, notebook= True, False or None; '
+                        f'not {self.plot!r}, {self.notebook!r}')
     if self.plot_path is not None and not isinstance(self.plot_path, (str, os.PathLike)):
-        raise TypeError(f'ProgressCB(plot_path=...) is the file for the PNG, a str or a Path (or None), not {self.plot_path!r}')
+        raise TypeError(f'ProgressCB(plot_path=...) is the PNG file, a str or a Path (or None), not {self.plot_path!r}')
     for name in ('redraw_every', 'plot_every'): _check_seconds(name, getattr(self, name))
     _check_seconds('log_every', self.log_every, none_ok=True)
 
@@ -171,9 +173,9 @@ def _add_row(self: ProgressCB, epoch):
     self.table.append(row)
     self._values = {}
 
-# %% ../nbs/04_progress.ipynb #06d25edf
+# %% ../nbs/04_progress.ipynb #cb0d0aa8
 def loss_curves(batch_losses, valid_losses, batches_per_epoch, first_batch=0, valid_epochs=None):
-    "The (x, y) lines of the loss plot: each training batch's loss, after `first_batch` others; each valid loss at its epoch's end."
+    "The (x, y) lines of the loss plot: batch losses, after `first_batch` other batches; valid losses at epoch ends."
     train_x = list(range(first_batch + 1, first_batch + len(batch_losses) + 1))
     epochs = range(len(valid_losses)) if valid_epochs is None else valid_epochs
     return [(train_x, list(batch_losses)), ([(e + 1) * batches_per_epoch for e in epochs], list(valid_losses))]
@@ -252,7 +254,7 @@ def _write_line(self: ProgressCB, learn):
           f'loss {sum(losses) / len(losses):.4f}  {rate:.2f} batches/s  {left} left', flush=True)
     self._recent, self._next_line = [], now + self.log_every
 
-# %% ../nbs/04_progress.ipynb #aa8d2533
+# %% ../nbs/04_progress.ipynb #401414fd
 def _check_png_path(path):
     "Fail clearly if no PNG can be written at `path`: a folder, under a file, or in a folder we may not write in."
     folder = next(p for p in (path.parent, *path.parent.parents) if p.exists())  # `atomic_write` makes the others
@@ -264,7 +266,7 @@ def _check_png_path(path):
 
 @patch
 def _check_fit(self: ProgressCB, learn):
-    "Before the fit: no other `ProgressCB` (both would take over `MetricsCB`'s log), and a PNG path that can be written."
+    "Before the fit: no other `ProgressCB` (both would take over `MetricsCB`'s log), and a PNG path we can write."
     if any(isinstance(cb, ProgressCB) and cb is not self for cb in learn.cbs):
         raise ValueError("this fit has two ProgressCBs: each would take over MetricsCB's log; keep one")
     if self.plot and self.plot_path is not None: _check_png_path(self.plot_path)
