@@ -5,8 +5,8 @@
 # %% auto #0
 __all__ = ['ProgressCB', 'loss_curves', 'save_loss_plot', 'plot_loss']
 
-# %% ../nbs/04_progress.ipynb #5e3adc27
-import io, sys, time
+# %% ../nbs/04_progress.ipynb #70d25ef6
+import contextlib, io, os, sys, time
 from pathlib import Path
 import torch
 from fastcore.basics import patch
@@ -28,37 +28,83 @@ class _RedrawHook:
 
 class _NBBar(_RedrawHook, NBProgressBar): "An HTML progress bar (Jupyter) with a `before_redraw` hook."
 
-# %% ../nbs/04_progress.ipynb #d7979485
+# %% ../nbs/04_progress.ipynb #137766d1
+def _is_terminal():
+    "Whether `sys.stdout` is a terminal (not a file, a pipe, a notebook or a captured stream)."
+    try: return sys.stdout.isatty()
+    except (AttributeError, ValueError): return False  # no `isatty`, or a closed file
+
+def _quiet_unless_terminal():
+    "A `with` block in which what is printed is dropped, unless stdout is a terminal."
+    return contextlib.nullcontext() if _is_terminal() else contextlib.redirect_stdout(io.StringIO())
+
 class _ConsoleBar(_RedrawHook, ConsoleProgressBar):
     "A text progress bar with a `before_redraw` hook, drawn only in a terminal: in a pipe or a log only the table prints."
+    def __init__(self, *args, **kwargs):
+        with _quiet_unless_terminal(): super().__init__(*args, **kwargs)  # fastprogress prints '█\r' here
     def on_update(self, val, text):
-        if sys.stdout.isatty(): super().on_update(val, text)
+        if _is_terminal(): super().on_update(val, text)
     def on_iter_end(self):
-        if sys.stdout.isatty(): super().on_iter_end()
+        if _is_terminal(): super().on_iter_end()
         else: ProgressBar.on_iter_end(self)  # skip the console's blanking of the line
 
-# %% ../nbs/04_progress.ipynb #9bdb94c9
+class _ConsoleMaster(ConsoleMasterBar):
+    "fastprogress's text master bar, without the '█\r' that its own bar prints when it is made, outside a terminal."
+    def __init__(self, gen):
+        with _quiet_unless_terminal(): super().__init__(gen)
+
+def _nb_display():
+    "fastprogress 1.0 imports IPython's `display` only if it starts in Jupyter: lend it, for `notebook=True` elsewhere."
+    if not hasattr(fp, 'display'):
+        from IPython.display import display, HTML
+        fp.display, fp.HTML = display, HTML
+
+# %% ../nbs/04_progress.ipynb #fcfce29f
 class ProgressCB(Callback):
-    "Bars for the epochs and each phase, `MetricsCB`'s values as a table, with `plot=True` a loss plot."
+    "Bars for the epochs and each phase, `MetricsCB`'s values as a table, with `plot=True` a loss plot; lines in logs."
     order = MetricsCB.order + 10
-    def __init__(self, plot=False, plot_path='progress.png', notebook=None, redraw_every=0.2, plot_every=5.):
-        "`notebook=None` follows fastprogress; `redraw_every`, `plot_every`: seconds between redraws of bars, graph."
-        self.plot, self.plot_path, self.notebook = plot, Path(plot_path), notebook
-        self.redraw_every, self.plot_every = redraw_every, plot_every
+    clock = staticmethod(time.monotonic)
+    def __init__(self, plot=False, plot_path='progress.png', notebook=None, redraw_every=0.2, plot_every=5.,
+                 log_every=60.):
+        "`notebook=None` follows fastprogress. `redraw_every`, `plot_every`, `log_every`: seconds between redraws, lines."
+        self.plot, self.plot_path, self.notebook = plot, plot_path, notebook
+        self.redraw_every, self.plot_every, self.log_every = redraw_every, plot_every, log_every
+        self._check_args()
+        if plot_path is not None: self.plot_path = Path(plot_path)
         self.mbar, self._metrics = None, None
 
-# %% ../nbs/04_progress.ipynb #277e24c7
+# %% ../nbs/04_progress.ipynb #7a4d5e97
+def _check_seconds(name, value, none_ok=False):
+    "Fail clearly unless `value` is a number of seconds >= 0 (or None, if `none_ok`)."
+    if value is None and none_ok: return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        or_none = ' or None' if none_ok else ''
+        raise ValueError(f"ProgressCB({name}=...) is a number of seconds >= 0{or_none}, not {value!r}")
+
+@patch
+def _check_args(self: ProgressCB):
+    "Fail clearly, when the callback is made, on arguments that would fail later or be misread."
+    if not isinstance(self.plot, bool) or self.notebook not in (None, True, False):
+        raise TypeError('ProgressCB: plot= is True or False, notebook= True, False or None; '
+                        f'not {self.plot!r}, {self.notebook!r}')
+    if self.plot_path is not None and not isinstance(self.plot_path, (str, os.PathLike)):
+        raise TypeError(f'ProgressCB(plot_path=...) is the PNG file, a str or a Path (or None), not {self.plot_path!r}')
+    for name in ('redraw_every', 'plot_every'): _check_seconds(name, getattr(self, name))
+    _check_seconds('log_every', self.log_every, none_ok=True)
+
+# %% ../nbs/04_progress.ipynb #6d116d0c
 @patch
 def _start_bars(self: ProgressCB, learn):
     "The master bar over the epochs: HTML in Jupyter, text elsewhere; the child bars' class to match."
     self.in_notebook = fp.IN_NOTEBOOK if self.notebook is None else self.notebook
-    master_cls, self._bar_cls = (NBMasterBar, _NBBar) if self.in_notebook else (ConsoleMasterBar, _ConsoleBar)
-    self.mbar = master_cls(range(learn.n_epochs))
+    if self.in_notebook: _nb_display()
+    master_cls, self._bar_cls = (NBMasterBar, _NBBar) if self.in_notebook else (_ConsoleMaster, _ConsoleBar)
+    self.mbar, self._n_epochs = master_cls(range(learn.n_epochs)), learn.n_epochs
     self.mbar.update(0)
     start = learn.epochs[0] if len(learn.epochs) else learn.n_epochs
     if start: self.mbar.update(start)
 
-# %% ../nbs/04_progress.ipynb #7df6e7a5
+# %% ../nbs/04_progress.ipynb #5441042a
 @patch
 def before_epoch(self: ProgressCB, learn):
     "A child bar for this phase; the losses of its batches wait in `_pending`."
@@ -68,15 +114,19 @@ def before_epoch(self: ProgressCB, learn):
     if self.training: self._per_epoch = n
     self.pbar = self._bar_cls(learn.dl, total='noinfer' if n is None else n, parent=self.mbar, leave=False)
     self.pbar.update_every, self.pbar.before_redraw = self.redraw_every, self._before_redraw
-    self._pending = []
+    self._pending, self._phase_start, self._done, self._recent = [], self.clock(), 0, []
     self.pbar.update(0)
 
-# %% ../nbs/04_progress.ipynb #75403ba2
+# %% ../nbs/04_progress.ipynb #abea0956
 @patch
 def after_batch(self: ProgressCB, learn):
-    "Keep the batch's loss, still a tensor (no sync), and move the bar."
+    "Keep the batch's loss, still a tensor (no sync), and move the bar; in a log, write a line if one is due."
     self._pending.append(learn.loss.detach())
+    self._done += 1
+    if self._first_batch is None and self.training:
+        self._first_batch = learn.batch_losses_start = learn.epoch * (self._per_epoch or 0) + learn.iter
     self.pbar.update(learn.iter + 1)
+    if self._log_lines and self.clock() >= self._next_line: self._write_line(learn)
 
 # %% ../nbs/04_progress.ipynb #7d7c0a1b
 @patch
@@ -123,12 +173,12 @@ def _add_row(self: ProgressCB, epoch):
     self.table.append(row)
     self._values = {}
 
-# %% ../nbs/04_progress.ipynb #7786d63c
-def loss_curves(batch_losses, valid_losses, batches_per_epoch):
-    "The (x, y) lines of the loss plot: the train loss of each batch, and the valid loss at the end of each epoch."
-    train = (list(range(1, len(batch_losses) + 1)), list(batch_losses))
-    valid = ([(i + 1) * batches_per_epoch for i in range(len(valid_losses))], list(valid_losses))
-    return [train, valid]
+# %% ../nbs/04_progress.ipynb #cb0d0aa8
+def loss_curves(batch_losses, valid_losses, batches_per_epoch, first_batch=0, valid_epochs=None):
+    "The (x, y) lines of the loss plot: batch losses, after `first_batch` other batches; valid losses at epoch ends."
+    train_x = list(range(first_batch + 1, first_batch + len(batch_losses) + 1))
+    epochs = range(len(valid_losses)) if valid_epochs is None else valid_epochs
+    return [(train_x, list(batch_losses)), ([(e + 1) * batches_per_epoch for e in epochs], list(valid_losses))]
 
 # %% ../nbs/04_progress.ipynb #656769f0
 def _draw_losses(ax, curves):
@@ -141,18 +191,25 @@ def _draw_losses(ax, curves):
     ax.legend(loc='upper right')
     return ax
 
-# %% ../nbs/04_progress.ipynb #3a026da9
+# %% ../nbs/04_progress.ipynb #1bd6b9f5
 @patch
 def _curves(self: ProgressCB):
     "The lines of the loss plot, so far."
-    return loss_curves(self.batch_losses, self._valid_losses, self._per_epoch or 1)
+    epochs, losses = [e for e, _ in self._valid], [loss for _, loss in self._valid]
+    return loss_curves(self.batch_losses, losses, self._per_epoch or 1, self._first_batch or 0, epochs)
+
+@patch
+def _graph_axes(self: ProgressCB):
+    "The loss plot so far, on axes whose x spans the whole fit, with room for the last point."
+    ax = _draw_losses(Figure(figsize=(6, 4)).add_subplot(), self._curves())
+    ax.set_xlim(0, 1.03 * self._n_epochs * (self._per_epoch or 1))
+    return ax
 
 @patch
 def _update_graph(self: ProgressCB):
-    "Draw the losses so far under the bars, the x axis spanning the whole fit (Jupyter only)."
+    "Draw the losses so far under the bars (Jupyter only)."
     from IPython.display import display, Image
-    ax = _draw_losses(Figure(figsize=(6, 4)).add_subplot(), self._curves())
-    ax.set_xlim(0, self.mbar.main_bar.total * (self._per_epoch or 1))
+    ax = self._graph_axes()
     png = io.BytesIO()
     ax.figure.savefig(png, format='png', bbox_inches='tight')
     if self._graph_out is None: self._graph_out = display(Image(png.getvalue()), display_id=True)
@@ -167,12 +224,13 @@ def save_loss_plot(curves, path, figsize=(6, 4)):
     atomic_write(path, lambda f: fig.savefig(f, format='png'), mode='wb')
     return Path(path)
 
-# %% ../nbs/04_progress.ipynb #2da48e9e
+# %% ../nbs/04_progress.ipynb #bd9b26c6
 @patch
 def _read_losses(self: ProgressCB):
     "Turn the pending losses into floats in one sync; keep the training ones, show the last one in the bar's comment."
     losses = torch.stack(self._pending).float().tolist()
     self._pending = []
+    self._recent += losses
     if self.training: self.batch_losses += losses
     self.pbar.comment = f"{'train' if self.training else 'valid'} loss {losses[-1]:.4f}"
 
@@ -184,49 +242,85 @@ def _before_redraw(self: ProgressCB):
     self._read_losses()
     if self.plot and self.in_notebook and time.time() - self._last_graph > self.plot_every: self._update_graph()
 
-# %% ../nbs/04_progress.ipynb #23a2cad3
+# %% ../nbs/04_progress.ipynb #459ca49d
+@patch
+def _write_line(self: ProgressCB, learn):
+    "Print one plain line: epoch, phase, batch/total, mean loss since the last line, batches per second, time left."
+    if self._pending: self._read_losses()
+    now, total, losses = self.clock(), self.pbar.total, self._recent
+    rate = self._done / max(now - self._phase_start, 1e-9)
+    left = format_time((total - learn.iter - 1) / rate) if total else '?'
+    print(f'epoch {learn.epoch + 1}/{learn.n_epochs}  {learn.phase}  batch {learn.iter + 1}/{total or "?"}  '
+          f'loss {sum(losses) / len(losses):.4f}  {rate:.2f} batches/s  {left} left', flush=True)
+    self._recent, self._next_line = [], now + self.log_every
+
+# %% ../nbs/04_progress.ipynb #401414fd
+def _check_png_path(path):
+    "Fail clearly if no PNG can be written at `path`: a folder, under a file, or in a folder we may not write in."
+    folder = next(p for p in (path.parent, *path.parent.parents) if p.exists())  # `atomic_write` makes the others
+    if path.is_dir(): problem = f'is a folder: give a file name, e.g. {path / "progress.png"}'
+    elif not folder.is_dir(): problem = f'is under {folder}, which is a file'
+    elif not os.access(folder, os.W_OK): problem = f'is in {folder}, where this process may not write'
+    else: return
+    raise ValueError(f'ProgressCB(plot_path={str(path)!r}) {problem}: the plot would be lost at the end of the fit')
+
+@patch
+def _check_fit(self: ProgressCB, learn):
+    "Before the fit: no other `ProgressCB` (both would take over `MetricsCB`'s log), and a PNG path we can write."
+    if any(isinstance(cb, ProgressCB) and cb is not self for cb in learn.cbs):
+        raise ValueError("this fit has two ProgressCBs: each would take over MetricsCB's log; keep one")
+    if self.plot and self.plot_path is not None: _check_png_path(self.plot_path)
+
+# %% ../nbs/04_progress.ipynb #5c9fb26a
 @patch
 def before_fit(self: ProgressCB, learn):
-    "Start the bars, empty the losses and the table, take over `MetricsCB`'s log."
+    "Check the setup, start the bars, empty the losses and the table, take over `MetricsCB`'s log."
+    self._check_fit(learn)
     self._start_bars(learn)
-    self.batch_losses = learn.batch_losses = []
-    self._valid_losses, self._per_epoch, self._last_graph, self._graph_out = [], None, 0., None
+    self.batch_losses, learn.batch_losses_start, self._first_batch = [], 0, None
+    learn.batch_losses = self.batch_losses
+    self._per_epoch, self._last_graph, self._graph_out = None, 0., None
     self.table, self._values, self._phases = [], {}, learn.phases
     self._hook_metrics(learn)
+    rows = learn.history if self._metrics is not None else []  # a resumed fit's history has its earlier epochs
+    self._valid = [(row['epoch'], row['valid_loss']) for row in rows if 'valid_loss' in row]
+    self._log_lines = self.log_every is not None and not self.in_notebook and not _is_terminal()
+    self._next_line = self.clock() + (self.log_every or 0)
 
-# %% ../nbs/04_progress.ipynb #da9e716a
+# %% ../nbs/04_progress.ipynb #81baa7c1
 @patch
 def cleanup_epoch(self: ProgressCB, learn):
     "After each phase, even a cancelled one: its last losses, its bar, its valid loss, the graph."
     self._before_redraw()
     self._end_phase_bar(learn)
-    if not self.training and self._metrics is not None and 'valid_loss' in learn.history[-1]:
-        self._valid_losses.append(learn.history[-1]['valid_loss'])
+    if not self.training and self._metrics is not None and learn.history and 'valid_loss' in learn.history[-1]:
+        self._valid.append((learn.epoch, learn.history[-1]['valid_loss']))
     if self.plot and self.in_notebook: self._update_graph()
 
-# %% ../nbs/04_progress.ipynb #d1c6ac1c
+# %% ../nbs/04_progress.ipynb #37f83623
 @patch
 def cleanup_fit(self: ProgressCB, learn):
     "At the end, even after an error: `MetricsCB`'s own log back, the bars closed, the PNG saved outside Jupyter."
     self._unhook_metrics()
     if self.mbar is None: return
     if self.mbar.main_bar.last_v is not None: self.mbar.on_iter_end()
-    if self.plot and not self.in_notebook and (self.batch_losses or self._valid_losses):
+    if self.plot and not self.in_notebook and self.plot_path is not None and (self.batch_losses or self._valid):
         save_loss_plot(self._curves(), self.plot_path)
     self.mbar = None
 
-# %% ../nbs/04_progress.ipynb #83a2b31c
+# %% ../nbs/04_progress.ipynb #5a6a13d2
 def plot_loss(learn, ax=None):
     "Plot the train loss of each batch (`learn.batch_losses`, from `ProgressCB`) and the valid loss of each epoch."
-    batch_losses = getattr(learn, 'batch_losses', [])
-    valid_losses = [row['valid_loss'] for row in getattr(learn, 'history', []) if 'valid_loss' in row]
-    if not batch_losses and not valid_losses:
+    batch_losses, start = getattr(learn, 'batch_losses', []), getattr(learn, 'batch_losses_start', 0)
+    rows = [row for row in getattr(learn, 'history', []) if 'valid_loss' in row]
+    if not batch_losses and not rows:
         raise ValueError("nothing to plot: fit with ProgressCB() (train loss per batch) "
                          "and/or MetricsCB() (valid loss per epoch) first")
-    per_epoch = len(batch_losses) / len(valid_losses) if batch_losses and valid_losses else 1
+    per_epoch = (start + len(batch_losses)) / len(rows) if batch_losses and rows else 1
     if ax is None:
         import matplotlib.pyplot as plt
         _, ax = plt.subplots(figsize=(6, 4))
-    return _draw_losses(ax, loss_curves(batch_losses, valid_losses, per_epoch))
+    valid, epochs = [row['valid_loss'] for row in rows], [row['epoch'] for row in rows]
+    return _draw_losses(ax, loss_curves(batch_losses, valid, per_epoch, start, epochs))
 
 Learner.plot_loss = plot_loss

@@ -26,6 +26,9 @@ def test_wheel_installs_in_a_fresh_virtualenv(tmp_path):
         assert dest.read_bytes() == src.read_bytes(), f"{dest} differs from {src}"
     out = run(tmp_path / 'venv' / 'bin' / 'learnloop-demo', '--epochs', '1', cwd=tmp_path)
     assert 'valid accuracy' in out, out
+    # fastprogress<1.1: 1.1 requires python-fasthtml, which brought a web server (uvicorn, starlette, ...) into every install
+    installed_packages = run(py, '-m', 'pip', 'freeze', cwd=tmp_path).lower()
+    for web in ('python-fasthtml', 'uvicorn', 'starlette'): assert web not in installed_packages, installed_packages
 
 def test_every_global_name_the_modules_use_is_defined():
     "A notebook's test cells can hide a missing import (the notebook imported it); the exported module would then fail."
@@ -46,3 +49,20 @@ def test_every_global_name_the_modules_use_is_defined():
                    and not hasattr(builtins, ins.argval):
                     undefined.append(f"learnloop.{info.name}: {co.co_name} uses {ins.argval}")
     assert not undefined, undefined
+
+def test_every_package_the_modules_import_is_a_requirement():
+    "A package imported when a module loads must be in settings.ini's requirements (numpy once was not)."
+    import ast, configparser, importlib.metadata, re
+    cfg = configparser.ConfigParser(delimiters=['='])
+    cfg.read(ROOT / 'settings.ini')
+    required = {re.split(r'[<>=!~;\[ ]', r)[0].lower() for r in cfg['DEFAULT']['requirements'].split()}
+    dists = importlib.metadata.packages_distributions()
+    missing = []
+    for path in sorted((ROOT / 'learnloop').glob('*.py')):
+        for node in ast.parse(path.read_text()).body:  # imports inside functions may be optional (e.g. IPython)
+            if isinstance(node, ast.Import): names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0: names = [node.module]
+            else: continue
+            for top in {name.split('.')[0] for name in names} - set(sys.stdlib_module_names) - {'learnloop'}:
+                if not any(d.lower() in required for d in dists.get(top, [top])): missing.append(f'{path.name}: {top}')
+    assert not missing, f"imported but not in settings.ini's requirements: {missing}"
