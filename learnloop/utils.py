@@ -12,13 +12,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-# %% ../nbs/01b_utils.ipynb #d2c5aeec
+# %% ../nbs/01b_utils.ipynb #3cde91b2
+def _umask():
+    "The process's umask (reading it means setting it: put it straight back)."
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+_UMASK = _umask()  # read once, at import: setting it for a moment later could affect files other threads create
+
 def atomic_write(path, write, mode='w'):
     "Call `write(f)` on a temporary file next to `path`, flush it to the disk, then rename it to `path` in one step."
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes a private file (0600): give it the mode open() would
         with open(fd, mode, **({} if 'b' in mode else {'newline': ''})) as f:
             write(f)
             f.flush()
