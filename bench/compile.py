@@ -2,7 +2,8 @@
 bench/overhead.py (64-128-128-10, 8192 random rows, batch 64) and the course CNN on the Fashion-MNIST sample
 (3000 images, batch 64). For each: the first epoch (compiling included: inductor writes and builds C++ for the
 training step, then for validation), and the median time per training batch of the next epochs (the fit's time,
-validation included, divided by its training batches), each variant in a fresh process so that no compiled code
+validation included, divided by its training batches) in wall time and in this process's CPU time (which other
+jobs on a busy machine do not inflate; the compiler's own processes are not in it), each variant in a fresh process so that no compiled code
 is reused. Inductor caches compiled kernels on disk: a second run of this script compiles faster; `--cold` points
 the cache at a new temporary folder.
 
@@ -32,12 +33,13 @@ else:
     model = simple_cnn()
 learn = TrainLearner(model, dls, F.cross_entropy, lr=0.1, opt_func=partial(optim.SGD, momentum=0.9),
                      cbs=[CompileCB()] if compiled else [])
-times = []
+times, cpu = [], []
 for epoch in range(epochs):
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     learn.fit(1)
     times.append(time.perf_counter() - start)
-print(json.dumps({'times': times, 'batches': len(dls.train)}))
+    cpu.append(time.process_time() - start_cpu)
+print(json.dumps({'times': times, 'cpu': cpu, 'batches': len(dls.train)}))
 '''
 
 def run(model, compiled, epochs, env):
@@ -55,15 +57,15 @@ if __name__ == '__main__':
     if args.cold: env['TORCHINDUCTOR_CACHE_DIR'] = tmp.name
     import torch
     print(f"CompileCB vs eager, {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {os.cpu_count()} cores, 1 thread, "
-          f"{'cold' if args.cold else 'warm'} inductor cache, median of epochs 2-{args.epochs}")
-    print(f"{'model':>5} {'variant':>8} {'1st epoch s':>12} {'ms/train batch after':>21} {'x eager':>8}")
+          f"{'cold' if args.cold else 'warm'} inductor cache, median of epochs 2-{args.epochs}, load average {os.getloadavg()[0]:.1f}")
+    print(f"{'model':>5} {'variant':>8} {'1st epoch s':>12} {'ms/batch after':>15} {'x eager':>8} {'CPU ms/batch':>13} {'x eager':>8}")
     for model in ['mlp', 'cnn']:
-        per_batch = {}
+        wall, cpu = {}, {}
         for compiled in [False, True]:
             r = run(model, compiled, args.epochs, env)
-            later = sorted(r['times'][1:])
-            per_batch[compiled] = later[len(later) // 2] / r['batches'] * 1000
+            wall[compiled], cpu[compiled] = (sorted(t[1:])[len(t[1:]) // 2] / r['batches'] * 1000 for t in (r['times'], r['cpu']))
             name = 'compiled' if compiled else 'eager'
-            print(f"{model:>5} {name:>8} {r['times'][0]:>12.2f} {per_batch[compiled]:>21.3f} {per_batch[compiled] / per_batch[False]:>8.3f}")
+            print(f"{model:>5} {name:>8} {r['times'][0]:>12.2f} {wall[compiled]:>15.3f} {wall[compiled] / wall[False]:>8.3f} "
+                  f"{cpu[compiled]:>13.3f} {cpu[compiled] / cpu[False]:>8.3f}")
             sys.stdout.flush()
     tmp.cleanup()

@@ -65,7 +65,7 @@ if __name__ == '__main__':
     x, y, _, _ = load_fashion_mnist()
     x = ((x.float() / 255 - FASHION_MEAN) / FASHION_STD).unsqueeze(1)
     print(f"resume at batch 900 of {len(range(0, len(x), 64))}, {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, "
-          f"{os.cpu_count()} cores, 1 thread")
+          f"{os.cpu_count()} cores, 1 thread, load average {os.getloadavg()[0]:.1f}")
     print(f"{'pipeline':>10} {'resume by':>19} {'to 1st batch s':>15} {'resumed fit s':>14}  bitwise equal")
     with tempfile.TemporaryDirectory() as tmp:
         for name, ds in [('tensors', TensorDataset(x, y)), ('augmented', Augmented(x, y))]:
