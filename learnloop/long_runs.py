@@ -268,4 +268,5 @@ class CompileCB(Callback):
         if getattr(self, 'model', None) is not None: self.model._compiled_call_impl = None  # back to eager
         self.model = None
 
-    before_inference, cleanup_inference = before_fit, cleanup_fit
+    def before_inference(self, learn): self.before_fit(learn)  # get_preds, evaluate... (11) run compiled too
+    def cleanup_inference(self, learn): self.cleanup_fit(learn)
