@@ -27,6 +27,11 @@ if cfg.get('pip_requirements'): requirements += shlex.split(cfg.get('pip_require
 min_python = cfg['min_python']
 lic = licenses.get(cfg['license'].lower(), (cfg['license'], None))
 dev_requirements = shlex.split(cfg.get('dev_requirements', ''))
+# `extras = name:requirement name:requirement ...` in settings.ini: one extra per name (a name may repeat)
+extras = {'dev': dev_requirements}
+for o in shlex.split(cfg.get('extras', '')):
+    name, req = o.split(':', 1)
+    extras.setdefault(name, []).append(req)
 
 package_data = dict()
 pkg_data = cfg.get('package_data', None)
@@ -45,7 +50,7 @@ setuptools.setup(
     packages = setuptools.find_packages(),
     include_package_data = True,
     install_requires = requirements,
-    extras_require={ 'dev': dev_requirements },
+    extras_require=extras,
     dependency_links = cfg.get('dep_links','').split(),
     python_requires  = '>=' + cfg['min_python'],
     long_description = open('README.md', encoding='utf-8').read(),

@@ -10,7 +10,7 @@ from functools import partial
 import torch
 from torch import nn, optim
 import torch.nn.functional as F
-from . import callbacks, learner, data, utils, metrics, device, progress, schedulers, stopping, gradients, lr_finder, checkpoint, distributed, inference, hooks
+from . import callbacks, learner, data, utils, metrics, device, progress, schedulers, stopping, gradients, lr_finder, checkpoint, distributed, inference, hooks, long_runs
 from .callbacks import *
 from .learner import *
 from .data import *
@@ -26,9 +26,10 @@ from .checkpoint import *
 from .distributed import *
 from .inference import *
 from .hooks import *
+from .long_runs import *
 
 # %% ../nbs/90_all.ipynb #fd1d5906
 _modules = [callbacks, learner, data, utils, metrics, device, progress, schedulers, stopping, gradients, lr_finder, checkpoint,
-            distributed, inference, hooks]
+            distributed, inference, hooks, long_runs]
 __all__ = ['partial', 'torch', 'nn', 'optim', 'F']
 for _module in _modules: __all__ += _module.__all__
