@@ -105,9 +105,10 @@ def after_predict(self: ActivationStatsCB, learn):
     "All the hooked modules have run: their sums and histograms become one row, on the device; the sizes stay on the host."
     if len(self._current) < len(self.hooks): return self._current.clear()
     outputs = [self._current[i] for i in range(len(self.hooks))]
-    moments = torch.stack([x.sum() for x in outputs] + [x.dot(x) for x in outputs])  # the sums, then the sums of squares
     sizes = tuple(len(x) for x in outputs)
-    self.rows.append((moments, _histograms(torch.cat(outputs), sizes, self.bins, *self.range)))
+    with torch.inference_mode():  # numbers that never need gradients: torch skips their autograd bookkeeping
+        moments = torch.stack([x.sum() for x in outputs] + [x.dot(x) for x in outputs])  # sums, then sums of squares
+        self.rows.append((moments, _histograms(torch.cat(outputs), sizes, self.bins, *self.range)))
     self.sizes.append(sizes)
     self._current = {}  # no output is kept beyond its batch
 
