@@ -44,7 +44,7 @@ def modules_with_params(model):
 
 class HooksCB(Callback):
     "Hook `func(hook, module, inputs, output)` on `modules` (default: `modules_with_params(learn.model)`) for each fit."
-    def __init__(self, func, modules=None): self.func, self.modules, self.hooks = func, modules, []
+    def __init__(self, func, modules=None): self.func, self.modules, self.hooks = func, modules, Hooks([], func)
     def before_fit(self, learn):
         self.hooks = Hooks(self.modules or modules_with_params(learn.model), self.func)
         for h in self.hooks: h.learn = learn
@@ -58,7 +58,8 @@ class ActivationStatsCB(Callback):
     order = Callback.order + 1  # after the metrics (order 0): it only watches, so lr_find sets it aside
     def __init__(self, modules=None, bins=40, range=(0, 10), phases=('train',), activations=False):
         self.modules, self.bins, self.range, self.phases, self.activations = modules, bins, range, phases, activations
-        self.done, self.rows, self.sizes, self._continue, self._current, self.hooks = None, [], [], False, {}, []
+        self.done, self.rows, self.sizes, self._continue, self._current = None, [], [], False, {}
+        self.hooks = Hooks([], None)  # none yet: cleanup_fit has nothing to remove if before_fit never ran
 
     def _modules(self, model):
         if self.modules is not None: return list(self.modules)

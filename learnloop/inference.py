@@ -97,7 +97,9 @@ def _predict_batch(learn, run, batch, n_inp, with_input=False, loss=None, act=No
         if loss == 'mean':
             learn.get_loss(); run('after_loss')
             out['loss_sum'] = learn.loss.float() * n  # summed over batches, divided by the count
-        if loss == 'item': out['losses'] = _item_losses(learn.loss_func, learn.preds, out['targs'])
+        if loss == 'item':
+            if learn.iter == 0: check_loss_inputs(learn.loss_func, learn.preds, target)  # as training checks it
+            out['losses'] = _item_losses(learn.loss_func, learn.preds, out['targs'])
         out['preds'] = learn.preds if act is None else act(learn.preds)
         return to_cpu(out)
     finally: run('cleanup_batch')

@@ -107,7 +107,7 @@ def fit(self: Learner, n_epochs=1, train=True, valid=True, cbs=None, lr=None):
         self._check_steps(train)
         self.phases = _phases(self.dls, train, valid)
         self.n_epochs, self.epochs = n_epochs, range(n_epochs)
-        self.opt = self.opt_func(self.model.parameters(), lr)
+        self.opt = _checked_opt(self.opt_func(self.model.parameters(), lr))
         if train:
             for p in self.model.parameters(): p.grad = None  # clean gradients; a resume puts its own back in before_fit
         self._fit()
@@ -123,6 +123,15 @@ def _check_epochs(n_epochs):
     if n is None or isinstance(n_epochs, bool) or n < 1:
         raise ValueError(f"n_epochs must be a whole number >= 1, got {n_epochs!r}")
     return n
+
+def _checked_opt(opt):
+    "`opt`, unless a setting of a param group is NaN or infinite (e.g. `opt_func=partial(optim.SGD, momentum=nan)`)."
+    for i, group in enumerate(opt.param_groups):
+        for key, value in group.items():
+            if key != 'params' and any(isinstance(v, float) and not math.isfinite(v) for v in _as_list(value)):
+                raise ValueError(f"the optimizer's {key} is {value!r} (param group {i}): a fit with it would train to NaN. "
+                                 "Check the arguments of opt_func")
+    return opt
 
 def _n_batches(dl):
     "The number of batches of `dl`, or None when it cannot tell (a stream without a length)."
@@ -295,7 +304,7 @@ class TrainCB(Callback):
 
     def get_loss(self, learn):
         _, target = split_batch(learn.batch, self.n_inp)
-        if _first_train_batch(learn): check_loss_inputs(learn.loss_func, learn.preds, target)  # once per fit
+        if _first_batch_of_loader(learn): check_loss_inputs(learn.loss_func, learn.preds, target)  # once per loader
         learn.loss = learn.loss_func(learn.preds, target)
 
     def backward(self, learn): learn.loss.backward()
@@ -386,10 +395,12 @@ def check_loss_inputs(loss_func, preds, target):
         _check_class_targets(name, preds, target, _ignore_index(loss_func))
 
 # %% ../nbs/01_learner.ipynb #1b8e061c
-def _first_train_batch(learn):
-    "True at the first training batch of each fit: each fit makes a new optimizer, which we remember (False in inference)."
-    if not learn.training or getattr(learn, '_checked_opt', None) is learn.opt: return False
-    learn._checked_opt = learn.opt
+def _first_batch_of_loader(learn):
+    "True at the first batch read from each loader (training, validation) in each fit, and from each loader in inference."
+    seen = getattr(learn, '_checked', None)
+    if seen is None or seen[0] is not learn.opt: seen = learn._checked = (learn.opt, [])  # each fit makes a new optimizer
+    if any(dl is learn.dl for dl in seen[1]): return False
+    seen[1].append(learn.dl)
     return True
 
 def _check_n_inp(n_inp):
@@ -414,7 +425,7 @@ class TrainLearner(Learner):
 
     def get_loss(self):
         _, target = split_batch(self.batch, self.n_inp)
-        if _first_train_batch(self): check_loss_inputs(self.loss_func, self.preds, target)
+        if _first_batch_of_loader(self): check_loss_inputs(self.loss_func, self.preds, target)
         self.loss = self.loss_func(self.preds, target)
 
     def backward(self): self.loss.backward()

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-# %% ../nbs/01b_utils.ipynb #3cde91b2
+# %% ../nbs/01b_utils.ipynb #dc1cb5e4
 def _umask():
     "The process's umask (reading it means setting it: put it straight back)."
     mask = os.umask(0)
@@ -23,8 +23,12 @@ _UMASK = _umask()  # read once, at import: setting it for a moment later could a
 def atomic_write(path, write, mode='w'):
     "Call `write(f)` on a temporary file next to `path`, flush it to the disk, then rename it to `path` in one step."
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    except OSError as e:  # e.g. a read-only folder, or a file where a folder should be
+        where = f" ({Path(e.filename).name})" if e.filename else ''
+        raise type(e)(e.errno, f"cannot write {path}: {e.strerror}{where}", str(path)) from None
     try:
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes a private file (0600): give it the mode open() would
         with open(fd, mode, **({} if 'b' in mode else {'newline': ''})) as f:
@@ -32,8 +36,10 @@ def atomic_write(path, write, mode='w'):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp): os.remove(tmp)
+        if isinstance(e, OSError) and e.filename in (tmp, fd):  # name the file the user asked for, not ours
+            raise type(e)(e.errno, f"cannot write {path}: {e.strerror}", str(path)) from None
         raise
 
 # %% ../nbs/01b_utils.ipynb #0e47f4b1
@@ -66,7 +72,7 @@ def save_checked(obj, path):
     atomic_write(path, lambda f: torch.save({**obj, CHECKSUM_KEY: checksum(obj)}, f), mode='wb')
     return Path(path)
 
-# %% ../nbs/01b_utils.ipynb #661b0f37
+# %% ../nbs/01b_utils.ipynb #5f82a1a4
 class ChecksumError(ValueError):
     "A file's contents do not match the checksum saved with them: it changed on the disk after it was written."
 
@@ -79,7 +85,8 @@ def load_checked(path, map_location='cpu'):
         raise ValueError(f"{path} cannot be read ({type(e).__name__}): it is damaged, or it is not a file "
                          "that learnloop saved") from None
     if not isinstance(obj, dict) or CHECKSUM_KEY not in obj:
-        raise ValueError(f"{path} was not saved by learnloop: it has no checksum to verify")
+        raise ValueError(f"{path} has no checksum to verify: an older learnloop or torch.save wrote it "
+                         "(if you trust the file, torch.load(path) reads it)")
     obj = dict(obj)
     saved = obj.pop(CHECKSUM_KEY)
     if checksum(obj) != saved:
