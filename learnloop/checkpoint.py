@@ -131,7 +131,6 @@ def _unusable(file, error):
     move = f"Move {', '.join(later)} out of {folder} ({why}); then " if later else ""
     return type(error)(f"{what}. {move}ResumeCB({str(folder)!r}) resumes from {good.name}")
 
-
 # %% ../nbs/09_checkpoint.ipynb #a975bf00
 def load_checkpoint(path):
     "Read the checkpoint `path` (a file, or the newest in a folder) onto the CPU with `weights_only=True`; verify its checksum."
@@ -182,7 +181,6 @@ def save(self: CheckpointCB, learn, epoch, batch):
     self.saved_at, self.saved_by = (epoch, batch), _owner(learn)  # only this learner and model number on from it
     for old in list_checkpoints(self.path)[:-self.keep]: old.unlink()
     return file
-
 
 # %% ../nbs/09_checkpoint.ipynb #a5edb1e1
 def _check_folder(path):
