@@ -6,7 +6,7 @@
 __all__ = ['list_checkpoints', 'load_checkpoint', 'CheckpointCB', 'ResumeCB']
 
 # %% ../nbs/09_checkpoint.ipynb #ae8270a1
-import copy, os, re, socket, sys, uuid, warnings
+import copy, os, re, socket, sys, uuid, warnings, weakref
 from collections import OrderedDict
 from pathlib import Path
 import torch
@@ -110,14 +110,26 @@ def _is_good(file):
     except (OSError, ValueError): return False
     return True
 
+def _no_checksum(error): return not isinstance(error, ChecksumError) and 'no checksum' in str(error)
+
+def _what(file, error):
+    "What is wrong with the checkpoint `file`, whose loading raised `error`."
+    if isinstance(error, ChecksumError): return f"{file} is corrupted (checksum mismatch: it changed on the disk after it was saved)"
+    if not _no_checksum(error): return str(error)
+    return (f"{file} was saved without a checksum (by an older learnloop or by torch.save): resuming from it is refused; "
+            f"if you trust it, torch.load({str(file)!r}, weights_only=True) reads it")
+
 def _unusable(file, error):
-    "The error `error` of `load_checked` for the checkpoint `file`, naming the newest good checkpoint to resume from."
-    good = next((f for f in reversed(list_checkpoints(file.parent)) if f != file and _is_good(f)), None)
-    what = (f"{file} is corrupted (checksum mismatch: it changed on the disk after it was saved)"
-            if isinstance(error, ChecksumError) else str(error))
-    todo = (f"Resume from {good.name} with ResumeCB({str(good)!r}), or delete {file.name}" if good else
-            f"No other checkpoint in {file.parent} is good: delete the damaged ones to start afresh")
-    return type(error)(f"{what}. {todo}")
+    "The error `error` of `load_checked` for the checkpoint `file`, saying how to resume from the newest good checkpoint."
+    folder, what = file.parent, _what(file, error)
+    good = next((f for f in reversed(list_checkpoints(folder)) if f != file and _is_good(f)), None)
+    if good is None:
+        todo = 'move them out of it, or save in a new folder' if _no_checksum(error) else 'delete the damaged ones'
+        return type(error)(f"{what}. No other checkpoint in {folder} is good: {todo} to start afresh")
+    later = [f.name for f in list_checkpoints(folder) if _position(f) > _position(good)]  # all unusable
+    why = ('it has no checksum' if _no_checksum(error) else 'it is damaged') if later == [file.name] else 'none of them can be resumed from'
+    move = f"Move {', '.join(later)} out of {folder} ({why}); then " if later else ""
+    return type(error)(f"{what}. {move}ResumeCB({str(folder)!r}) resumes from {good.name}")
 
 # %% ../nbs/09_checkpoint.ipynb #a975bf00
 def load_checkpoint(path):
@@ -141,7 +153,7 @@ class CheckpointCB(Callback):
         for name, n in (('every_n_batches', every_n_batches), ('every_n_epochs', every_n_epochs)): _check_count(name, n)
         _check_count('keep', keep, none_ok=False)
         self.path, self.every_n_batches, self.every_n_epochs, self.keep = Path(path), every_n_batches, every_n_epochs, keep
-        self.epoch_rng, self.first_epoch, self.saved_at, self.lock = None, 0, None, None
+        self.epoch_rng, self.first_epoch, self.saved_at, self.saved_by, self.lock = None, 0, None, None, None
 
     def before_epoch(self, learn):
         if learn.training: self.epoch_rng = rng_state(learn.dls)  # the loop draws the epoch's order right after this
@@ -156,19 +168,27 @@ class CheckpointCB(Callback):
         if last or (n and (learn.epoch + 1) % n == 0): self.save(learn, learn.epoch + 1, 0)
 
 # %% ../nbs/09_checkpoint.ipynb #e2a69ce4
+def _owner(learn):
+    "Weak references to `learn` and its model (inside a DistributedDataParallel wrapper): who saved a checkpoint."
+    return weakref.ref(learn), weakref.ref(getattr(learn.model, 'module', learn.model))
+
 @patch
 def save(self: CheckpointCB, learn, epoch, batch):
     "Save the state after `batch` training batches of this fit's `epoch`, atomically, with a checksum; keep the newest `keep`."
     epoch += self.first_epoch  # the run's epoch: a later fit with this callback numbers on (see Training longer)
     state = _training_state(learn, epoch, batch, self.first_epoch, self.epoch_rng if batch else None)
     file = save_checked(state, self.path / _name(epoch, batch))
-    self.saved_at = (epoch, batch)
+    self.saved_at, self.saved_by = (epoch, batch), _owner(learn)  # only this learner and model number on from it
     for old in list_checkpoints(self.path)[:-self.keep]: old.unlink()
     return file
 
 # %% ../nbs/09_checkpoint.ipynb #a5edb1e1
 def _check_folder(path):
-    "Refuse a `path` that is a file, or that holds folders named like checkpoints (saving or pruning would fail on them)."
+    "Refuse a `path` that is a file, a dangling link, or holds folders named like checkpoints (saving or pruning would fail on them)."
+    for p in (path, *path.parents):
+        if p.is_symlink() and not p.exists():
+            raise FileNotFoundError(f"CheckpointCB: {p} is a symbolic link to {os.readlink(p)}, which does not exist: "
+                                    "create the folder it points to, or give CheckpointCB another path")
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"CheckpointCB: {path} is a file: CheckpointCB saves into a folder, give it a folder's path")
     stray = [f.name for f in path.iterdir() if f.is_dir() and _NAME.fullmatch(f.name)] if path.is_dir() else []
@@ -176,18 +196,22 @@ def _check_folder(path):
                                       "move them out of it")
 
 def _first_epoch(cb, learn):
-    "The run's number of this fit's first epoch: the resumed fit's; after `cb`'s own last checkpoint; 0 in an empty folder."
+    "The run's number of this fit's first epoch: the resumed fit's; after `cb`'s own last checkpoint (same learner and model); 0 in an empty folder."
     files, resumed = list_checkpoints(cb.path), getattr(learn, 'resumed_at', None)
     if resumed is not None:
         ahead = [f.name for f in files if _position(f) > resumed]
         if ahead: raise ValueError(f"{cb.path} holds checkpoints further on than the one this fit resumes from "
                                    f"({', '.join(ahead)}): delete them, or resume from the newest")
-        cb.saved_at = resumed  # this fit continues that checkpoint: its numbering is ours now
+        cb.saved_at, cb.saved_by = resumed, _owner(learn)  # this fit continues that checkpoint: its numbering is ours now
         return learn.resumed_first_epoch
     if not files: return 0
     if _position(files[-1]) != cb.saved_at:
         raise ValueError(f"{cb.path} holds checkpoints of another fit ({', '.join(f.name for f in files)}): to continue "
                          f"it, add ResumeCB({str(cb.path)!r}); to start afresh, delete them or save elsewhere")
+    if cb.saved_by != _owner(learn):  # weak references compare their objects, while those live
+        raise ValueError(f"CheckpointCB: {cb.path} holds the checkpoints this callback saved for another learner or model, "
+                         f"which this fit would not continue: give this fit a new folder, or add ResumeCB({str(cb.path)!r}) "
+                         "to continue that fit")
     epoch, batch = cb.saved_at
     print(f"CheckpointCB: this fit goes on from {files[-1]}: its epochs are saved as the run's epochs {epoch + (batch > 0)} on")
     return epoch + (batch > 0)
