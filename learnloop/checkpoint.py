@@ -295,6 +295,7 @@ def cleanup_fit(self: CheckpointCB, learn):
 class ResumeCB(Callback):
     "Continue the fit saved in the checkpoint `path` (a file, or the newest in a folder) exactly where it stopped."
     order = -80  # first: load the states before the others' before_fit; skip batches before anyone sees them
+    sits_out_search = True  # lr_find (08) sets it aside: a search must not resume a saved fit
     def __init__(self, path, missing_ok=True):
         self.path, self.missing_ok = Path(path), missing_ok
         self.ckpt, self.skip, self.rng, self.put_back, self.handled, self.spent = None, 0, None, None, None, False

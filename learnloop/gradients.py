@@ -90,10 +90,18 @@ def before_batch(self: GradientAccumulationCB, learn):
     learn.accumulating = learn.training and self.count + 1 < self._group_batches(learn)
 
 # %% ../nbs/07_gradients.ipynb #371fcf64
+def _n_samples(learn):
+    "The number of samples in `learn.batch`: the length of its target (the inputs may be a dict, or several tensors)."
+    _, target = split_batch(learn.batch, learn.n_inp)
+    if isinstance(target, torch.Tensor) and target.ndim > 0: return len(target)
+    kind = f"a {target.ndim}-d tensor" if isinstance(target, torch.Tensor) else f"a {type(target).__name__}"
+    raise TypeError(f"GradientAccumulationCB weighs each batch by its number of samples, the length of its target, but the "
+                    f"target is {kind}: give batches (inputs, target) with a target tensor of one row per sample")
+
 @patch
 def after_loss(self: GradientAccumulationCB, learn):
     if not (learn.training and learn.loss.requires_grad): return
-    size = len(learn.batch[0])
+    size = _n_samples(learn)
     if self.count == 0:  # the group's first batch: plan its size
         self.planned_batches = self._group_batches(learn)
         self.planned_samples = self.planned_batches * size

@@ -6,7 +6,7 @@
 __all__ = ['LimitBatchesCB', 'OverfitBatchesCB', 'ReduceLROnPlateauCB', 'TensorBoardCB', 'LoaderStateCB', 'CompileCB']
 
 # %% ../nbs/13_long_runs.ipynb #d6a2ed4b
-import itertools, shutil
+import itertools, numbers, shutil
 from pathlib import Path
 import torch
 from torch import optim
@@ -84,11 +84,18 @@ class OverfitBatchesCB(Callback):
 # %% ../nbs/13_long_runs.ipynb #1016c945
 def _dummy_opt(): return optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.)
 
+def _check_factor(factor):
+    "Refuse a `factor` outside (0, 1): torch refuses only >= 1, but 0 zeroes the lr, a negative one flips its sign, NaN ruins it."
+    ok = isinstance(factor, numbers.Real) and not isinstance(factor, bool) and 0 < factor < 1  # NaN fails too
+    if not ok: raise ValueError(f"ReduceLROnPlateauCB: factor multiplies the lr at a plateau, a number with 0 < factor < 1 "
+                                f"(0.1: divide it by 10), got {factor!r}")
+
 class ReduceLROnPlateauCB(Callback):
     "Step torch's `ReduceLROnPlateau(opt, **torch_kwargs)` with `learn.history[-1][watch]` at the end of each epoch."
     order = MetricsCB.order + 15  # after MetricsCB (and RecorderCB): the epoch's row is complete
     def __init__(self, watch='valid_loss', **torch_kwargs):
-        ReduceLROnPlateau(_dummy_opt(), **torch_kwargs)  # torch's own errors for bad arguments, now
+        _check_factor(torch_kwargs.get('factor', 0.1))
+        ReduceLROnPlateau(_dummy_opt(), **torch_kwargs)  # torch's own errors for other bad arguments, now
         self.watch, self.torch_kwargs, self.sched, self._resume = watch, torch_kwargs, None, None
 
     def before_fit(self, learn):

@@ -37,17 +37,18 @@ def _check_search(lr_mult, max_mult, beta):
 
 # %% ../nbs/08_lr_finder.ipynb #12873d4c
 class LRFinderCB(Callback):
-    "Multiply the lr by `lr_mult` after each training batch, recording (lr, loss); stop when the loss is NaN or its average exceeds `max_mult` x its minimum."
+    "Multiply the lr by `lr_mult` after each training batch that took an optimizer step, recording (lr, loss); stop when the loss is NaN or its average exceeds `max_mult` x its minimum."
     order = -20
     def __init__(self, lr_mult=1.3, max_mult=3, beta=0.8):
         _check_search(lr_mult, max_mult, beta)
         self.lr_mult, self.max_mult, self.beta, self.sched, self._continue = lr_mult, max_mult, beta, None, False
+        self._stepped = False
         self.lrs, self.losses, self.avg, self.min_loss = [], [], 0., math.inf
 
     def before_fit(self, learn):
         self.sched = ExponentialLR(learn.opt, gamma=self.lr_mult)
         if not self._continue: self.lrs, self.losses, self.avg, self.min_loss = [], [], 0., math.inf
-        self._continue = False
+        self._continue, self._stepped = False, False
 
     def before_epoch(self, learn):
         if not learn.training: raise CancelEpochException()  # the search never validates
@@ -61,7 +62,10 @@ class LRFinderCB(Callback):
         smooth = self.avg / (1 - self.beta ** len(self.losses))     # ...without its bias towards 0 at the start
         if smooth > self.max_mult * self.min_loss: raise CancelFitException()
         self.min_loss = min(self.min_loss, smooth)
-        self.sched.step()
+        if self._stepped: self.sched.step()  # not after a batch whose gradient was only accumulated
+        self._stepped = False
+
+    def after_step(self, learn): self._stepped = True
 
 # %% ../nbs/08_lr_finder.ipynb #528a236e
 @patch
@@ -167,8 +171,8 @@ def _check_lr_find(start_lr, max_epochs):
 
 # %% ../nbs/08_lr_finder.ipynb #5e4d8baa
 def _sits_out_search(cb):
-    "Whether `lr_find` sets `cb` aside: the schedules (they steer the lr), `MetricsCB` and every callback ordered after it (they watch)."
-    return isinstance(cb, (BaseSchedCB, MetricsCB)) or cb.order > MetricsCB.order
+    "Whether `lr_find` sets `cb` aside: the schedules (they steer the lr), `MetricsCB` and every callback ordered after it (they watch), and any callback whose class says `sits_out_search = True`."
+    return isinstance(cb, (BaseSchedCB, MetricsCB)) or cb.order > MetricsCB.order or getattr(cb, 'sits_out_search', False) is True
 
 def lr_find(learn, lr_mult=1.3, start_lr=1e-5, max_epochs=10, max_mult=3, plot=True, plot_path=None):
     "Train with an lr growing from `start_lr` by `lr_mult` per batch until the loss explodes; plot loss vs lr and return a suggested lr. `learn` is left as it was."

@@ -73,17 +73,27 @@ def _number(value):
     if isinstance(value, bool) or not isinstance(value, numbers.Real): return None
     return float(value)
 
-def _is_valid(name, value):
-    "Whether `value` is a valid `name`; a tensor on a GPU is left to the optimizer (reading it would wait for the GPU)."
+_BETAS_MOM = (lambda x: 0 <= x < 1, 'a number in [0, 1) where it is betas[0] (Adam divides by 1 - betas[0] ** step)')
+
+def _rule(name, key=None):
+    "The rule `(test, text)` for `name` kept under the param-group key `key`: a `mom` in `betas` must stay below 1."
+    return _BETAS_MOM if (name, key) == ('mom', 'betas') else _RULES[name]
+
+def _is_valid(name, value, key=None):
+    "Whether `value` is a valid `name` (kept under `key`); a tensor on a GPU is left to the optimizer (reading it would wait for the GPU)."
     if isinstance(value, torch.Tensor) and value.device.type != 'cpu': return True
     x = _number(value)
-    return x is not None and _RULES[name][0](x)  # NaN fails every comparison
+    return x is not None and _rule(name, key)[0](x)  # NaN fails every comparison
 
 # %% ../nbs/05_schedulers.ipynb #c1ec0003
 def check_hyper_value(name, value, what=None):
     "Return `value` if it is a valid `name` (`lr`, `wd`: finite, >= 0; `mom`: in [0, 1]; `beta`: in [0, 1)); else raise a `ValueError` about `what` (default: `name`)."
     if name not in _RULES: raise ValueError(f"unknown hyper-parameter {name!r}: use one of {', '.join(_RULES)}")
-    if not _is_valid(name, value): raise ValueError(f"{what or name} must be {_RULES[name][1]}, got {value!r}")
+    return _check_value(name, value, what)
+
+def _check_value(name, value, what=None, key=None):
+    "`check_hyper_value` for a value kept under the param-group key `key` (`mom` in `betas` must be < 1)."
+    if not _is_valid(name, value, key): raise ValueError(f"{what or name} must be {_rule(name, key)[1]}, got {value!r}")
     return value
 
 # %% ../nbs/05_schedulers.ipynb #24c37188
@@ -94,7 +104,7 @@ def set_hyper(opt, name, value, group=None):
     values = list(value) if isinstance(value, (list, tuple)) else [value] * len(ids)
     if len(values) != len(ids):
         raise ValueError(f"got {len(values)} values for {len(ids)} param group(s): give one value, or one per group")
-    for v in values: check_hyper_value(name, v, f"set_hyper: {name}")  # all of them, before writing any
+    for v in values: _check_value(name, v, f"set_hyper: {name}", key)  # all of them, before writing any
     for g, v in zip(ids, values):
         if i is None: opt.param_groups[g][key] = v
         else:
@@ -108,12 +118,12 @@ def hypers(opt, group=0):
 
 # %% ../nbs/05_schedulers.ipynb #c1ec0006
 def _bad_hyper(opt):
-    "The first `(name, param group, value)` of `opt` that `check_hyper_value` would refuse, or None."
+    "The first `(name, param group, value, rule's text)` of `opt` that `check_hyper_value` would refuse, or None."
     for name in hyper_names(opt):
         key, i = _place(opt, name)
         for g, group in enumerate(opt.param_groups):
             value = group[key] if i is None else group[key][i]
-            if not _is_valid(name, value): return name, g, value
+            if not _is_valid(name, value, key): return name, g, value, _rule(name, key)[1]
 
 def _check_factory(sched, cb_name):
     "Refuse a scheduler (or anything not callable) where `cb_name` needs a factory `sched(opt)`, and `ReduceLROnPlateau`."
@@ -153,10 +163,10 @@ class BaseSchedCB(Callback):
         "Refuse a value the scheduler just wrote, before the optimizer uses it."
         bad = _bad_hyper(learn.opt)
         if bad is None: return
-        name, g, value = bad
+        name, g, value, rule = bad
         when = when or f"after step {self.sched.last_epoch} of {type(self.sched).__name__} (epoch {learn.epoch})"
         raise ValueError(f"{type(self).__name__}: {name} is {value!r} in param group {g} {when}: {name} must be "
-                         f"{_RULES[name][1]}. Fix the schedule's arguments (or the optimizer's); no step used this value")
+                         f"{rule}. Fix the schedule's arguments (or the optimizer's); no step used this value")
 
 class BatchSchedCB(BaseSchedCB):
     "Step the scheduler made by `sched(opt)` after each optimizer step."
