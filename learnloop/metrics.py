@@ -12,7 +12,7 @@ import torch
 from fastcore.basics import patch
 from .callbacks import *
 from .learner import *
-from .utils import atomic_write, model_device, to_cpu
+from .utils import atomic_write, check_writable, model_device, to_cpu
 
 # %% ../nbs/02_metrics.ipynb #3c102324
 def camel2snake(name):
@@ -69,10 +69,17 @@ class MetricsCB(Callback):
         self._clear_buffer()
 
 # %% ../nbs/02_metrics.ipynb #1a0a7648
+def _not_tensors(preds, targs):
+    "Refuse predictions or targets that are not one tensor each, saying how to give MetricsCB one."
+    raise TypeError(f"MetricsCB scores one tensor of predictions against one tensor of targets; this batch has "
+                    f"{type(preds).__name__} predictions and a {type(targs).__name__} target. For a model with several "
+                    "outputs, put the one to score in learn.preds (in get_loss, after computing the loss from all of them)")
+
 @patch
 def after_batch(self: MetricsCB, learn):
     "Keep the batch's detached predictions, targets and loss, and its size: no computation, no sync."
     _, targs = split_batch(learn.batch, self._n_inp)  # a type and a length check: batches that are not (inputs, target) fail
+    if not (isinstance(learn.preds, torch.Tensor) and isinstance(targs, torch.Tensor)): _not_tensors(learn.preds, targs)
     preds, targs = learn.preds.detach(), targs.detach()
     if self.metrics:
         if self._buffered and self._buffered + preds.numel() > self.buffer_size: self.flush()
@@ -176,6 +183,7 @@ class CSVLoggerCB(Callback):
     def before_fit(self, learn):
         if active_metrics(learn) is None:
             raise ValueError("CSVLoggerCB writes learn.history, which MetricsCB records: add MetricsCB() to the callbacks")
+        check_writable(self.path, 'CSVLoggerCB', 'path', 'history.csv')  # before the first epoch, not after it
 
     def after_epoch(self, learn):
         if learn.phase != learn.phases[-1]: return  # not the epoch's last phase yet

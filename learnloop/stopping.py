@@ -117,25 +117,11 @@ class EarlyStoppingCB(MetricTrackerCB):
         if self.stop_reason: raise CancelFitException(self.stop_reason)
 
 # %% ../nbs/06_early_stopping.ipynb #5cf8d3b6
-import tempfile
-from .utils import load_checked, save_checked
+from .utils import check_writable, load_checked, save_checked
 
 def _save_weights(model, path):
     "Save `model`'s weights to `path` as `{'model': state_dict}`, atomically, with a checksum (`save_checked`)."
     save_checked({'model': model.state_dict()}, path)
-
-def _check_save_path(path):
-    "Fail before the fit, naming `path`, if the weights could not be saved there."
-    if path.is_dir():
-        raise IsADirectoryError(f"SaveBestModelCB: save_path={str(path)!r} is a folder: give a file's path, e.g. "
-                                f"{str(path / 'best_model.pt')!r}")
-    folder = next(p for p in (path.parent, *path.parent.parents) if p.exists())  # saving creates the missing ones
-    if not folder.is_dir():
-        raise NotADirectoryError(f"SaveBestModelCB: cannot save to {str(path)!r}: {str(folder)!r} is a file, not a folder")
-    try: tempfile.TemporaryFile(dir=folder).close()  # can we write there? (the file vanishes when closed)
-    except OSError as e:
-        raise PermissionError(f"SaveBestModelCB: cannot save to {str(path)!r}: cannot write in {str(folder)!r} "
-                              f"({e.strerror}): choose a save_path in a folder you can write to") from None
 
 # %% ../nbs/06_early_stopping.ipynb #de9a5898
 class SaveBestModelCB(MetricTrackerCB):
@@ -146,7 +132,7 @@ class SaveBestModelCB(MetricTrackerCB):
         self.save_path, self._in_fit = Path(save_path), False
 
     def before_fit(self, learn):
-        _check_save_path(self.save_path)  # first: if it fails, nothing has changed
+        check_writable(self.save_path, 'SaveBestModelCB', 'save_path', 'best_model.pt')  # first: if it fails, nothing has changed
         super().before_fit(learn)
         self._in_fit = True
 
