@@ -253,7 +253,8 @@ def fit_one_cycle(learn, n_epochs, lr_max=None, cbs=None, cycle_momentum=None, *
     kwargs = _check_one_cycle(lr_max, kwargs)  # before the fit: nothing has changed yet
     total_steps = n_epochs * len(learn.dls.train)
     sched = partial(_one_cycle, max_lr=lr_max, total_steps=total_steps, cycle_momentum=cycle_momentum, **kwargs)
-    cbs = [] if cbs is None else list(cbs) if isinstance(cbs, (list, tuple)) else [cbs]
+    if cbs is None: cbs = []
+    elif not isinstance(cbs, (list, tuple)): cbs = [cbs]
     learn.fit(n_epochs, cbs=[BatchSchedCB(sched), *cbs])
 
 Learner.fit_one_cycle = fit_one_cycle
