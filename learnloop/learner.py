@@ -397,10 +397,10 @@ def check_loss_inputs(loss_func, preds, target):
 # %% ../nbs/01_learner.ipynb #1b8e061c
 def _first_batch_of_loader(learn):
     "True at the first batch read from each loader (training, validation) in each fit, and from each loader in inference."
-    seen = getattr(learn, '_checked', None)
-    if seen is None or seen[0] is not learn.opt: seen = learn._checked = (learn.opt, [])  # each fit makes a new optimizer
-    if any(dl is learn.dl for dl in seen[1]): return False
-    seen[1].append(learn.dl)
+    checked = learn.__dict__.setdefault('_checked', {})  # the last (optimizer, loader) checked, in training and not
+    last = checked.get(learn.training)
+    if last is not None and last[0] is learn.opt and last[1] is learn.dl: return False  # each fit makes a new optimizer
+    checked[learn.training] = (learn.opt, learn.dl)  # only the last one: no loader is kept alive by this check
     return True
 
 def _check_n_inp(n_inp):
