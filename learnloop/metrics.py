@@ -6,7 +6,7 @@
 __all__ = ['camel2snake', 'MetricsCB', 'active_metrics', 'CSVLoggerCB']
 
 # %% ../nbs/02_metrics.ipynb #44e064b8
-import copy, csv, itertools, os, re, tempfile
+import copy, csv, re
 from pathlib import Path
 import torch
 from fastcore.basics import patch
