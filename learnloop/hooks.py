@@ -6,8 +6,7 @@
 __all__ = ['Hook', 'Hooks', 'modules_with_params', 'HooksCB', 'ActivationStatsCB', 'GradStatsCB']
 
 # %% ../nbs/12_hooks.ipynb #76843338
-import functools, math
-from functools import partial
+import math
 import torch
 from torch import nn
 import matplotlib.pyplot as plt
@@ -56,10 +55,11 @@ def _is_activation(m): return type(m).__module__ == 'torch.nn.modules.activation
 class ActivationStatsCB(Callback):
     "Mean, std and histogram of each hooked module's output, per training batch, kept on the device: `means`, `stds`, `hists`."
     order = Callback.order + 1  # after the metrics (order 0): it only watches, so lr_find sets it aside
+    buffer_size = 2**20  # numbers: the outputs of up to this many wait to be counted together (or of one batch, if more)
     def __init__(self, modules=None, bins=40, range=(0, 10), phases=('train',), activations=False):
         self.modules, self.bins, self.range, self.phases, self.activations = modules, bins, range, phases, activations
-        self.done, self.rows, self.sizes, self._continue, self._current = None, [], [], False, {}
-        self.hooks = Hooks([], None)  # none yet: cleanup_fit has nothing to remove if before_fit never ran
+        self.done, self.chunks, self._continue = None, [], False
+        self.hooks, self._buffers, self._rows, self._n, self._fired = Hooks([], None), [], [], 0, {}  # nothing to remove yet
 
     def _modules(self, model):
         if self.modules is not None: return list(self.modules)
@@ -67,73 +67,109 @@ class ActivationStatsCB(Callback):
         return [m for m in model.modules() if m in layers or (self.activations and _is_activation(m))]
 
 # %% ../nbs/12_hooks.ipynb #cccdacfe
-@functools.lru_cache(maxsize=8)
-def _bin_offsets(sizes, bins, device):
-    "For outputs of `sizes` elements put end to end: where each output's own histogram starts, for each element."
-    starts = torch.arange(len(sizes), device=device, dtype=torch.int32) * (bins + 2) + 1  # + 1: bin -1 is "below lo"
-    return torch.repeat_interleave(starts, torch.tensor(sizes, device=device))
+def _count(pos, n, add_up=None):
+    "How many of `pos` (integers) equal each of 0..n-1, without waiting for the device."
+    if add_up is None: add_up = pos.device.type != 'cpu'  # bincount on a GPU reads the largest index first: a sync
+    if not add_up: return torch.bincount(pos, minlength=n)
+    return torch.zeros(n, dtype=torch.int64, device=pos.device).index_add_(0, pos, torch.ones_like(pos, dtype=torch.int64))
 
-def _histograms(x, sizes, bins, lo, hi):
-    "For outputs of `sizes` elements put end to end in `x`: what `histc(bins, lo, hi)` counts of each one's absolute values. Overwrites `x`."
-    x = x.abs_().nan_to_num_(nan=hi)  # NaN lands above the range: not counted, as in histc
+def _histograms(x, bins, lo, hi, pos):
+    "For each row of `x`: what `histc(bins, lo, hi)` counts of it. Overwrites `x`; `pos`: int32 scratch shaped like `x`."
+    x = x.nan_to_num_(nan=hi)  # NaN lands above the range: not counted, as in histc
     if lo != 0: x.sub_(lo)
     x.mul_(bins / (hi - lo))
     if lo > 0: x.floor_().clamp_(min=-1)  # -1: below lo (for x >= lo, and any x when lo <= 0, truncating is flooring)
-    pos = x.clamp_(max=bins).to(torch.int32)  # bins: hi and above
-    pos += _bin_offsets(sizes, bins, x.device)  # one histogram per output, in one bincount
-    counts = torch.bincount(pos, minlength=len(sizes) * (bins + 2)).view(len(sizes), bins + 2)
+    pos.copy_(x.clamp_(max=bins))  # to integers; bins: hi and above
+    pos += torch.arange(len(x), dtype=torch.int32, device=x.device)[:, None] * (bins + 2) + 1  # row r counts from r * (bins + 2)
+    counts = _count(pos.view(-1), len(x) * (bins + 2)).view(len(x), bins + 2)
     return counts[:, 1:bins + 1]
+
+def _batch_stats(x, bins, lo, hi, tmp, pos):
+    "Each row of `x` (batches x numbers) -> its mean, std and histogram of absolute values (as fractions). Overwrites `x`; `tmp` and `pos` (int32) are scratch space shaped like `x`."
+    n = x.shape[1]
+    fractions = _histograms(torch.abs(x, out=tmp), bins, lo, hi, pos) / n
+    mean = x.mean(1, keepdim=True)
+    centred = x.sub_(mean)  # two passes: sum((x - mean)**2) stays accurate when the mean is large
+    std = (torch.linalg.vecdot(centred, centred) / (n - 1)).sqrt()
+    return torch.cat([mean, std[:, None], fractions], 1)
 
 # %% ../nbs/12_hooks.ipynb #793787b1
 @patch
-def _record(self: ActivationStatsCB, hook, module, inputs, output):
-    if hook.learn.phase not in self.phases: return
-    x = output.detach().reshape(-1)
-    self._current[hook.index] = x if x.dtype == torch.float32 else x.float()
-
-@patch
 def before_fit(self: ActivationStatsCB, learn):
-    if not self._continue: self.done, self.rows, self.sizes = None, [], []  # afresh, unless a checkpoint was loaded
-    self._continue, self._current = False, {}
+    if not self._continue: self.done, self.chunks = None, []  # afresh, unless a checkpoint was loaded
+    self._continue, self._buffers, self._rows, self._n, self._fired = False, [], [], 0, {}
     modules = self._modules(learn.model)
+    if not modules: raise ValueError("ActivationStatsCB has no module to hook: pass modules=[...] with at least one")
     self.names = [f'{i} {type(m).__name__}' for i, m in enumerate(modules)]
     self.hooks = Hooks(modules, self._record)
     for i, h in enumerate(self.hooks): h.learn, h.index = learn, i
 
+@patch
+def _record(self: ActivationStatsCB, hook, module, inputs, output):
+    "Copy the output into this batch's row of the module's buffer (or keep a copy, when its shape is new)."
+    if hook.learn.phase not in self.phases: return
+    if isinstance(output, (tuple, list)) and output: output = output[0]  # an LSTM, attention: the main output first
+    if not isinstance(output, torch.Tensor):
+        raise TypeError(f"ActivationStatsCB: module {self.names[hook.index]} returned a {type(output).__name__}, not a tensor; "
+                        "leave it out with modules=[...]")
+    x, rows = output.detach(), self._rows[hook.index] if self._rows else None
+    if rows and rows[0].shape == x.shape: rows[self._n].copy_(x); x = None
+    else: x = x.to(torch.float32, copy=True)
+    self._fired[hook.index] = x
+
 # %% ../nbs/12_hooks.ipynb #7f334a5e
 @patch
 def after_predict(self: ActivationStatsCB, learn):
-    "All the hooked modules have run: their sums and histograms become one row, on the device; the sizes stay on the host."
-    if len(self._current) < len(self.hooks): return self._current.clear()
-    outputs = [self._current[i] for i in range(len(self.hooks))]
-    sizes = tuple(len(x) for x in outputs)
-    with torch.inference_mode():  # numbers that never need gradients: torch skips their autograd bookkeeping
-        moments = torch.stack([x.sum() for x in outputs] + [x.dot(x) for x in outputs])  # sums, then sums of squares
-        self.rows.append((moments, _histograms(torch.cat(outputs), sizes, self.bins, *self.range)))
-    self.sizes.append(sizes)
-    self._current = {}  # no output is kept beyond its batch
+    "Every hooked module has run: this batch's row is complete; count the rows when the buffers are full."
+    if len(self._fired) < len(self.hooks): return self._fired.clear()  # not a batch of `phases`
+    if any(x is not None for x in self._fired.values()): self._new_buffers()  # the first batch, or new sizes
+    self._fired = {}
+    self._n += 1
+    if self._n == len(self._buffers[0]): self._flush()
 
 @patch
-def cleanup_fit(self: ActivationStatsCB, learn): self.hooks.remove()
+def _new_buffers(self: ActivationStatsCB):
+    "Count the rows so far, then make buffers for this batch's sizes, with this batch in row 0."
+    outputs = [self._rows[i][self._n] if x is None else x for i, x in sorted(self._fired.items())]
+    self._fired = {}
+    self._flush()
+    rows = min(256, max(1, self.buffer_size // sum(x.numel() for x in outputs)))  # 256 batches at most: enough to share the costs
+    self._buffers = [torch.empty(rows, *x.shape, device=x.device) for x in outputs]  # a row shaped like the output
+    for b, x in zip(self._buffers, outputs): b[0].copy_(x)
+    self._rows = [list(b) for b in self._buffers]  # the rows, ready for the hooks
+    biggest = max(x.numel() for x in outputs)
+    self._tmp = torch.empty(rows * biggest, device=outputs[0].device)  # scratch space for counting, module by module
+    self._pos = torch.empty(rows * biggest, dtype=torch.int32, device=outputs[0].device)
+
+@patch
+def _flush(self: ActivationStatsCB):
+    "Count the complete rows: a chunk of statistics `modules x batches x (2 + bins)`, kept on the device."
+    n, self._n = self._n, 0
+    if n:
+        with torch.inference_mode():  # numbers that never need gradients: torch skips their autograd bookkeeping
+            stats = []
+            for b in self._buffers:
+                x = b[:n].view(n, -1)
+                tmp, pos = self._tmp[:x.numel()].view_as(x), self._pos[:x.numel()].view_as(x)
+                stats.append(_batch_stats(x, self.bins, *self.range, tmp, pos))
+            self.chunks.append(torch.stack(stats))
+    if n and self._fired:  # read in the middle of a forward pass: the rows of the batch under way move to row 0
+        for b in self._buffers: b[0].copy_(b[n])
+
+@patch
+def cleanup_fit(self: ActivationStatsCB, learn):
+    self.hooks.remove()
+    self._fired = {}  # a batch cut short is not counted
+    self._flush()
+    self._buffers, self._rows = [], []
 
 # %% ../nbs/12_hooks.ipynb #fa3da2c6
-def _from_sums(moments, counts, n):
-    "Per batch, the modules' (sums, sums of squares) and histogram counts of `n` numbers each -> modules x batches x (mean, std, fractions)."
-    sums, squares = moments.view(len(n), 2, -1).unbind(1)  # batches x modules each
-    mean = sums / n
-    std = ((squares - sums * mean) / (n - 1)).clamp(min=0).sqrt()
-    return torch.cat([mean[..., None], std[..., None], counts / n[..., None]], -1).transpose(0, 1)
-
 @patch(as_prop=True)
 def stats(self: ActivationStatsCB):
-    "All the rows, as one CPU tensor `modules x batches x (2 + bins)`: one transfer."
-    parts = [] if self.done is None else [self.done]
-    if self.rows:
-        moments, counts = zip(*self.rows)
-        both = torch.cat([torch.stack(moments), torch.stack(counts).flatten(1).float()], 1).cpu()  # the one transfer
-        n_moments = len(moments[0])
-        parts.append(_from_sums(both[:, :n_moments], both[:, n_moments:].view(len(counts), -1, self.bins), torch.tensor(self.sizes)))
-    return torch.cat(parts, dim=1) if parts else torch.zeros(len(getattr(self, 'names', [])), 0, 2 + self.bins)
+    "All the statistics, as one CPU tensor `modules x batches x (2 + bins)`: one transfer."
+    self._flush()
+    parts = ([] if self.done is None else [self.done]) + ([torch.cat(self.chunks, 1).cpu()] if self.chunks else [])
+    return torch.cat(parts, 1) if parts else torch.zeros(len(getattr(self, 'names', [])), 0, 2 + self.bins)
 
 @patch(as_prop=True)
 def means(self: ActivationStatsCB): return self.stats[..., 0]
@@ -148,8 +184,8 @@ def state_dict(self: ActivationStatsCB): return {'stats': self.stats}
 
 @patch
 def load_state_dict(self: ActivationStatsCB, state):
-    "Keep the loaded rows; the next fit continues them (new rows are appended)."
-    self.done, self.rows, self.sizes, self._continue = state['stats'].clone(), [], [], True
+    "Keep the loaded statistics; the next fit continues them (new batches are appended)."
+    self.done, self.chunks, self._continue = state['stats'].clone(), [], True
 
 # %% ../nbs/12_hooks.ipynb #46cbdcfe
 @patch
