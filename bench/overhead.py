@@ -6,7 +6,8 @@ number of training batches) and the ratio to the hand-written loop:
 - raw: the five steps by hand, plus a validation loop with on-device accuracy and one `.item()` per epoch;
 - learnloop-bare: `TrainLearner` and no callbacks;
 - learnloop-default: `[TrainCB(), DeviceCB(), MetricsCB(accuracy=MulticlassAccuracy()), ProgressCB()]`, output to a null stream;
-- default+stats: the default stack plus `ActivationStatsCB()` (a forward hook on each of the three linear layers).
+- default+stats: the default stack plus `ActivationStatsCB()` (a forward hook on each of the three linear layers);
+  the script also prints what it adds over the default stack.
 All variants must end with bitwise-equal weights and the same validation accuracy: otherwise the timing compares
 different work, and the script says so and exits 1.
 
@@ -136,6 +137,9 @@ def main():
             same = all(torch.equal(a, b) for a, b in zip(final[bs, variant].parameters(), final[bs, 'raw'].parameters()))
             ok &= same
             print(f"{bs:>10} {variant:<18} {med * 1e6:>15.1f} {med / base:>7.3f} {acc:>10.4f}{'' if same else '  DIFFERENT WEIGHTS'}")
+        stats_cost = statistics.median(times[bs, 'default+stats']) / statistics.median(times[bs, 'learnloop-default']) - 1
+        target = ' (target: at most +15 % at batch size 64)' if bs == 64 else ''
+        print(f"{'':>10} ActivationStatsCB over the default stack: {stats_cost * 100:+.1f} %{target}")
     print(f"\n{'valid batch':>11} {'inference':<14} {'ms/call':>9} {'x hand':>7}")
     for bs in (64, 512):
         dls = make_dls(train_ds, valid_ds, bs)
