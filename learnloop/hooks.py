@@ -6,7 +6,7 @@
 __all__ = ['Hook', 'Hooks', 'modules_with_params', 'HooksCB', 'ActivationStatsCB', 'GradStatsCB']
 
 # %% ../nbs/12_hooks.ipynb #76843338
-import math
+import math, warnings
 import torch
 from torch import nn
 import matplotlib.pyplot as plt
@@ -20,6 +20,7 @@ class Hook:
     def __init__(self, module, func):
         self.module, self.func = module, func
         self.handle = module.register_forward_hook(self._call)
+    @torch.compiler.disable  # in a compiled model the hook stays plain Python: it watches, it is not part of the model
     def _call(self, module, inputs, output): self.func(self, module, inputs, output)
     def remove(self):
         if self.handle is not None: self.handle.remove()
@@ -54,8 +55,8 @@ def _is_activation(m): return type(m).__module__ == 'torch.nn.modules.activation
 
 class ActivationStatsCB(Callback):
     "Mean, std and histogram of each hooked module's output, per training batch, kept on the device: `means`, `stds`, `hists`."
-    order = Callback.order + 1  # after the metrics (order 0): it only watches, so lr_find sets it aside
-    buffer_size = 2**20  # numbers: the outputs of up to this many wait to be counted together (or of one batch, if more)
+    order = Callback.order + 1  # after the metrics: lr_find sets aside the callbacks after MetricsCB, which only watch
+    buffer_size = 2**20  # numbers: outputs wait in buffers of this size (or of one batch, if larger) to be counted together
     def __init__(self, modules=None, bins=40, range=(0, 10), phases=('train',), activations=False):
         self.modules, self.bins, self.range, self.phases, self.activations = modules, bins, range, phases, activations
         self.done, self.chunks, self._continue = None, [], False
@@ -68,28 +69,30 @@ class ActivationStatsCB(Callback):
 
 # %% ../nbs/12_hooks.ipynb #cccdacfe
 def _count(pos, n, add_up=None):
-    "How many of `pos` (integers) equal each of 0..n-1, without waiting for the device."
+    "How many of `pos` (integers) equal each of 0..n-1, without making the CPU wait for the device."
     if add_up is None: add_up = pos.device.type != 'cpu'  # bincount on a GPU reads the largest index first: a sync
     if not add_up: return torch.bincount(pos, minlength=n)
     return torch.zeros(n, dtype=torch.int64, device=pos.device).index_add_(0, pos, torch.ones_like(pos, dtype=torch.int64))
 
 def _histograms(x, bins, lo, hi, pos):
-    "For each row of `x`: what `histc(bins, lo, hi)` counts of it. Overwrites `x`; `pos`: int32 scratch shaped like `x`."
-    x = x.nan_to_num_(nan=hi)  # NaN lands above the range: not counted, as in histc
+    "For each row of `x` (numbers >= 0): what `histc(bins, lo, hi)` counts of it. Overwrites `x`; `pos`: int32 scratch shaped like `x`."
+    x = x.nan_to_num_(nan=2 * hi - lo)  # NaN lands above the range: not counted, as in histc
     if lo != 0: x.sub_(lo)
-    x.mul_(bins / (hi - lo))
-    if lo > 0: x.floor_().clamp_(min=-1)  # -1: below lo (for x >= lo, and any x when lo <= 0, truncating is flooring)
-    pos.copy_(x.clamp_(max=bins))  # to integers; bins: hi and above
-    pos += torch.arange(len(x), dtype=torch.int32, device=x.device)[:, None] * (bins + 2) + 1  # row r counts from r * (bins + 2)
-    counts = _count(pos.view(-1), len(x) * (bins + 2)).view(len(x), bins + 2)
+    x.mul_(bins / (hi - lo))  # the bin of each number, with its fraction
+    x.masked_fill_(x == bins, bins - 1)  # hi itself is in the last bin, as in histc
+    if lo > 0: x.floor_().clamp_(min=-1)  # -1: below lo (when lo <= 0 no number is below, and truncating is flooring)
+    pos.copy_(x.clamp_(max=bins))  # to integers; bins: above hi
+    width = bins + 2  # a row's counters: below lo, the bins, above hi
+    pos += torch.arange(len(x), dtype=torch.int32, device=x.device)[:, None] * width + 1  # row r: r * width + (-1 .. bins)
+    counts = _count(pos.view(-1), len(x) * width).view(len(x), width)
     return counts[:, 1:bins + 1]
 
 def _batch_stats(x, bins, lo, hi, tmp, pos):
     "Each row of `x` (batches x numbers) -> its mean, std and histogram of absolute values (as fractions). Overwrites `x`; `tmp` and `pos` (int32) are scratch space shaped like `x`."
     n = x.shape[1]
-    fractions = _histograms(torch.abs(x, out=tmp), bins, lo, hi, pos) / n
+    fractions = _histograms(torch.abs(x, out=tmp), bins, lo, hi, pos) / n  # |x| into the scratch: x is still needed
     mean = x.mean(1, keepdim=True)
-    centred = x.sub_(mean)  # two passes: sum((x - mean)**2) stays accurate when the mean is large
+    centred = x.sub_(mean)
     std = (torch.linalg.vecdot(centred, centred) / (n - 1)).sqrt()
     return torch.cat([mean, std[:, None], fractions], 1)
 
@@ -97,7 +100,7 @@ def _batch_stats(x, bins, lo, hi, tmp, pos):
 @patch
 def before_fit(self: ActivationStatsCB, learn):
     if not self._continue: self.done, self.chunks = None, []  # afresh, unless a checkpoint was loaded
-    self._continue, self._buffers, self._rows, self._n, self._fired = False, [], [], 0, {}
+    self._continue, self._buffers, self._rows, self._n, self._fired, self._warned = False, [], [], 0, {}, False
     modules = self._modules(learn.model)
     if not modules: raise ValueError("ActivationStatsCB has no module to hook: pass modules=[...] with at least one")
     self.names = [f'{i} {type(m).__name__}' for i, m in enumerate(modules)]
@@ -106,54 +109,62 @@ def before_fit(self: ActivationStatsCB, learn):
 
 @patch
 def _record(self: ActivationStatsCB, hook, module, inputs, output):
-    "Copy the output into this batch's row of the module's buffer (or keep a copy, when its shape is new)."
+    "Copy the output into row `_n` of the module's buffer, or keep a copy if no buffer fits it."
     if hook.learn.phase not in self.phases: return
     if isinstance(output, (tuple, list)) and output: output = output[0]  # an LSTM, attention: the main output first
     if not isinstance(output, torch.Tensor):
         raise TypeError(f"ActivationStatsCB: module {self.names[hook.index]} returned a {type(output).__name__}, not a tensor; "
                         "leave it out with modules=[...]")
-    x, rows = output.detach(), self._rows[hook.index] if self._rows else None
-    if rows and rows[0].shape == x.shape: rows[self._n].copy_(x); x = None
-    else: x = x.to(torch.float32, copy=True)
-    self._fired[hook.index] = x
+    if hook.index in self._fired: self._warn_twice(hook.index)
+    x = output.detach()
+    rows = self._rows[hook.index] if self._rows else None
+    if rows and rows[0].shape == x.shape:
+        rows[self._n].copy_(x)
+        self._fired[hook.index] = None  # in its row
+    else: self._fired[hook.index] = x.to(torch.float32, copy=True)  # the first batch, or a new shape
+
+@patch
+def _warn_twice(self: ActivationStatsCB, i):
+    if not self._warned: warnings.warn(f"ActivationStatsCB: module {self.names[i]} ran twice in one forward pass (one module used "
+                                       "at two places): only its last output is counted. Give each place a module of its own to see both.")
+    self._warned = True
 
 # %% ../nbs/12_hooks.ipynb #7f334a5e
 @patch
 def after_predict(self: ActivationStatsCB, learn):
     "Every hooked module has run: this batch's row is complete; count the rows when the buffers are full."
-    if len(self._fired) < len(self.hooks): return self._fired.clear()  # not a batch of `phases`
-    if any(x is not None for x in self._fired.values()): self._new_buffers()  # the first batch, or new sizes
-    self._fired = {}
+    fired, self._fired = self._fired, {}
+    if len(fired) < len(self.hooks): return  # a batch outside `phases`, or a hooked module that did not run
+    if any(x is not None for x in fired.values()): self._new_buffers(fired)
     self._n += 1
     if self._n == len(self._buffers[0]): self._flush()
 
 @patch
-def _new_buffers(self: ActivationStatsCB):
-    "Count the rows so far, then make buffers for this batch's sizes, with this batch in row 0."
-    outputs = [self._rows[i][self._n] if x is None else x for i, x in sorted(self._fired.items())]
-    self._fired = {}
+def _new_buffers(self: ActivationStatsCB, fired):
+    "Count the rows so far, then make buffers for this batch's shapes, with this batch in row 0."
+    outputs = [self._rows[i][self._n] if x is None else x for i, x in sorted(fired.items())]
     self._flush()
-    rows = min(256, max(1, self.buffer_size // sum(x.numel() for x in outputs)))  # 256 batches at most: enough to share the costs
-    self._buffers = [torch.empty(rows, *x.shape, device=x.device) for x in outputs]  # a row shaped like the output
+    n_rows = min(256, max(1, self.buffer_size // sum(x.numel() for x in outputs)))  # 256 batches at most: enough to share the costs
+    self._buffers = [torch.empty(n_rows, *x.shape, device=x.device) for x in outputs]  # a row shaped like the output
     for b, x in zip(self._buffers, outputs): b[0].copy_(x)
-    self._rows = [list(b) for b in self._buffers]  # the rows, ready for the hooks
+    self._rows = [list(b) for b in self._buffers]  # the rows as a list: the hooks index it without making a view each time
     biggest = max(x.numel() for x in outputs)
-    self._tmp = torch.empty(rows * biggest, device=outputs[0].device)  # scratch space for counting, module by module
-    self._pos = torch.empty(rows * biggest, dtype=torch.int32, device=outputs[0].device)
+    self._tmp = torch.empty(n_rows * biggest, device=outputs[0].device)  # scratch space for counting, module by module
+    self._pos = torch.empty(n_rows * biggest, dtype=torch.int32, device=outputs[0].device)
 
 @patch
 def _flush(self: ActivationStatsCB):
     "Count the complete rows: a chunk of statistics `modules x batches x (2 + bins)`, kept on the device."
     n, self._n = self._n, 0
-    if n:
-        with torch.inference_mode():  # numbers that never need gradients: torch skips their autograd bookkeeping
-            stats = []
-            for b in self._buffers:
-                x = b[:n].view(n, -1)
-                tmp, pos = self._tmp[:x.numel()].view_as(x), self._pos[:x.numel()].view_as(x)
-                stats.append(_batch_stats(x, self.bins, *self.range, tmp, pos))
-            self.chunks.append(torch.stack(stats))
-    if n and self._fired:  # read in the middle of a forward pass: the rows of the batch under way move to row 0
+    if not n: return
+    with torch.inference_mode():  # numbers that never need gradients: torch skips their autograd bookkeeping
+        stats = []
+        for b in self._buffers:
+            x = b[:n].view(n, -1)
+            tmp, pos = self._tmp[:x.numel()].view_as(x), self._pos[:x.numel()].view_as(x)
+            stats.append(_batch_stats(x, self.bins, *self.range, tmp, pos))
+        self.chunks.append(torch.stack(stats))
+    if self._fired:  # read after some hooks of a batch ran, before after_predict: their rows move to row 0
         for b in self._buffers: b[0].copy_(b[n])
 
 @patch
@@ -168,7 +179,8 @@ def cleanup_fit(self: ActivationStatsCB, learn):
 def stats(self: ActivationStatsCB):
     "All the statistics, as one CPU tensor `modules x batches x (2 + bins)`: one transfer."
     self._flush()
-    parts = ([] if self.done is None else [self.done]) + ([torch.cat(self.chunks, 1).cpu()] if self.chunks else [])
+    parts = [] if self.done is None else [self.done]
+    if self.chunks: parts.append(torch.cat(self.chunks, 1).cpu())
     return torch.cat(parts, 1) if parts else torch.zeros(len(getattr(self, 'names', [])), 0, 2 + self.bins)
 
 @patch(as_prop=True)
