@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt
 from fastcore.basics import patch
 from .callbacks import *
 from .learner import *
+from .utils import model_device
 
 # %% ../nbs/12_hooks.ipynb #7a782f7a
 class Hook:
@@ -20,8 +21,10 @@ class Hook:
     def __init__(self, module, func):
         self.module, self.func = module, func
         self.handle = module.register_forward_hook(self._call)
-    @torch.compiler.disable  # in a compiled model the hook stays plain Python: it watches, it is not part of the model
-    def _call(self, module, inputs, output): self.func(self, module, inputs, output)
+    def _call(self, module, inputs, output):
+        if torch.compiler.is_compiling():  # in a compiled model, a hook stays plain Python: it watches, it is not part of the model
+            return torch.compiler.disable(self.func)(self, module, inputs, output)
+        self.func(self, module, inputs, output)
     def remove(self):
         if self.handle is not None: self.handle.remove()
         self.handle = None
@@ -53,14 +56,25 @@ class HooksCB(Callback):
 # %% ../nbs/12_hooks.ipynb #81c589f6
 def _is_activation(m): return type(m).__module__ == 'torch.nn.modules.activation'
 
+def _check_args(bins, range, phases):
+    if not isinstance(bins, int) or isinstance(bins, bool) or bins < 1:
+        raise ValueError(f"ActivationStatsCB: bins={bins!r}: the number of histogram bins, a positive integer such as 40")
+    if len(range) != 2 or not all(math.isfinite(v) for v in range) or range[0] >= range[1]:
+        raise ValueError(f"ActivationStatsCB: range={range!r}: the (low, high) of the absolute values to count, low < high, such as (0, 10)")
+    if not phases or set(phases) - {'train', 'valid'}:
+        raise ValueError(f"ActivationStatsCB: phases={phases!r}: the phases to record, among 'train' and 'valid'")
+
 class ActivationStatsCB(Callback):
     "Mean, std and histogram of each hooked module's output, per training batch, kept on the device: `means`, `stds`, `hists`."
     order = Callback.order + 1  # after the metrics: lr_find sets aside the callbacks after MetricsCB, which only watch
     buffer_size = 2**20  # numbers: outputs wait in buffers of this size (or of one batch, if larger) to be counted together
     def __init__(self, modules=None, bins=40, range=(0, 10), phases=('train',), activations=False):
-        self.modules, self.bins, self.range, self.phases, self.activations = modules, bins, range, phases, activations
+        if isinstance(phases, str): phases = (phases,)
+        _check_args(bins, range, phases)
+        self.modules = None if modules is None else list(modules)
+        self.bins, self.range, self.phases, self.activations = bins, tuple(range), tuple(phases), activations
         self.done, self.chunks, self._continue = None, [], False
-        self.hooks, self._buffers, self._rows, self._n, self._fired = Hooks([], None), [], [], 0, {}  # nothing to remove yet
+        self.hooks, self._buffers, self._rows, self._n, self._fired, self._open = Hooks([], None), [], [], 0, {}, False
 
     def _modules(self, model):
         if self.modules is not None: return list(self.modules)
@@ -76,12 +90,12 @@ def _count(pos, n, add_up=None):
 
 def _histograms(x, bins, lo, hi, pos):
     "For each row of `x` (numbers >= 0): what `histc(bins, lo, hi)` counts of it. Overwrites `x`; `pos`: int32 scratch shaped like `x`."
-    x = x.nan_to_num_(nan=2 * hi - lo)  # NaN lands above the range: not counted, as in histc
+    above = ~(x <= hi)  # above the range, and NaN (it compares False): not counted, as in histc
     if lo != 0: x.sub_(lo)
     x.mul_(bins / (hi - lo))  # the bin of each number, with its fraction
-    x.masked_fill_(x == bins, bins - 1)  # hi itself is in the last bin, as in histc
     if lo > 0: x.floor_().clamp_(min=-1)  # -1: below lo (when lo <= 0 no number is below, and truncating is flooring)
-    pos.copy_(x.clamp_(max=bins))  # to integers; bins: above hi
+    x.clamp_(max=bins - 1).masked_fill_(above, bins)  # hi itself is in the last bin, as in histc; bins: above hi
+    pos.copy_(x)  # to integers
     width = bins + 2  # a row's counters: below lo, the bins, above hi
     pos += torch.arange(len(x), dtype=torch.int32, device=x.device)[:, None] * width + 1  # row r: r * width + (-1 .. bins)
     counts = _count(pos.view(-1), len(x) * width).view(len(x), width)
@@ -93,7 +107,7 @@ def _batch_stats(x, bins, lo, hi, tmp, pos):
     fractions = _histograms(torch.abs(x, out=tmp), bins, lo, hi, pos) / n  # |x| into the scratch: x is still needed
     mean = x.mean(1, keepdim=True)
     centred = x.sub_(mean)
-    std = (torch.linalg.vecdot(centred, centred) / (n - 1)).sqrt()
+    std = (torch.linalg.vecdot(centred, centred) / max(n - 1, 0)).sqrt()  # NaN for fewer than 2 numbers, as torch.std
     return torch.cat([mean, std[:, None], fractions], 1)
 
 # %% ../nbs/12_hooks.ipynb #793787b1
@@ -101,6 +115,9 @@ def _batch_stats(x, bins, lo, hi, tmp, pos):
 def before_fit(self: ActivationStatsCB, learn):
     if not self._continue: self.done, self.chunks = None, []  # afresh, unless a checkpoint was loaded
     self._continue, self._buffers, self._rows, self._n, self._fired, self._warned = False, [], [], 0, {}, False
+    self._missing, self._device = [], model_device(learn.model)
+    if not isinstance(self.buffer_size, int) or self.buffer_size < 1:
+        raise ValueError(f"ActivationStatsCB: buffer_size={self.buffer_size!r}: how many numbers the buffers hold, a positive integer")
     modules = self._modules(learn.model)
     if not modules: raise ValueError("ActivationStatsCB has no module to hook: pass modules=[...] with at least one")
     self.names = [f'{i} {type(m).__name__}' for i, m in enumerate(modules)]
@@ -108,13 +125,19 @@ def before_fit(self: ActivationStatsCB, learn):
     for i, h in enumerate(self.hooks): h.learn, h.index = learn, i
 
 @patch
+def before_batch(self: ActivationStatsCB, learn):
+    "The hooks record from here to `after_predict`: the batch's forward pass, not another (a callback's probe...)."
+    self._fired, self._open = {}, learn.phase in self.phases
+
+@patch
 def _record(self: ActivationStatsCB, hook, module, inputs, output):
     "Copy the output into row `_n` of the module's buffer, or keep a copy if no buffer fits it."
-    if hook.learn.phase not in self.phases: return
-    if isinstance(output, (tuple, list)) and output: output = output[0]  # an LSTM, attention: the main output first
-    if not isinstance(output, torch.Tensor):
-        raise TypeError(f"ActivationStatsCB: module {self.names[hook.index]} returned a {type(output).__name__}, not a tensor; "
+    if not self._open: return
+    first = output[0] if isinstance(output, (tuple, list)) and output else output  # an LSTM, attention: the main output first
+    if not isinstance(first, torch.Tensor):
+        raise TypeError(f"ActivationStatsCB: module {self.names[hook.index]} returned a {type(output).__name__} of no tensor; "
                         "leave it out with modules=[...]")
+    output = first
     if hook.index in self._fired: self._warn_twice(hook.index)
     x = output.detach()
     rows = self._rows[hook.index] if self._rows else None
@@ -133,18 +156,22 @@ def _warn_twice(self: ActivationStatsCB, i):
 @patch
 def after_predict(self: ActivationStatsCB, learn):
     "Every hooked module has run: this batch's row is complete; count the rows when the buffers are full."
-    fired, self._fired = self._fired, {}
-    if len(fired) < len(self.hooks): return  # a batch outside `phases`, or a hooked module that did not run
-    if any(x is not None for x in fired.values()): self._new_buffers(fired)
+    if not self._open: return  # a batch outside `phases`
+    fired, self._fired, self._open = self._fired, {}, False
+    if not self._rows or any(x is not None for x in fired.values()): self._new_buffers(fired)
+    if len(fired) < len(self.hooks): self._missing += [(self._n, i) for i in range(len(self.hooks)) if i not in fired]  # NaN
     self._n += 1
     if self._n == len(self._buffers[0]): self._flush()
 
 @patch
 def _new_buffers(self: ActivationStatsCB, fired):
     "Count the rows so far, then make buffers for this batch's shapes, with this batch in row 0."
-    outputs = [self._rows[i][self._n] if x is None else x for i, x in sorted(fired.items())]
+    def output(i):  # this batch's output of module i; for a module that did not run, any of the right device
+        if fired.get(i) is not None: return fired[i]
+        return self._rows[i][self._n] if self._rows else torch.empty(0, device=self._device)
+    outputs = [output(i) for i in range(len(self.hooks))]
     self._flush()
-    n_rows = min(256, max(1, self.buffer_size // sum(x.numel() for x in outputs)))  # 256 batches at most: enough to share the costs
+    n_rows = min(256, max(1, self.buffer_size // max(1, sum(x.numel() for x in outputs))))  # 256 batches at most: enough to share the costs
     self._buffers = [torch.empty(n_rows, *x.shape, device=x.device) for x in outputs]  # a row shaped like the output
     for b, x in zip(self._buffers, outputs): b[0].copy_(x)
     self._rows = [list(b) for b in self._buffers]  # the rows as a list: the hooks index it without making a view each time
@@ -157,22 +184,25 @@ def _flush(self: ActivationStatsCB):
     "Count the complete rows: a chunk of statistics `modules x batches x (2 + bins)`, kept on the device."
     n, self._n = self._n, 0
     if not n: return
-    with torch.inference_mode():  # numbers that never need gradients: torch skips their autograd bookkeeping
+    # no gradients (torch skips their bookkeeping), and float32 even inside a MixedPrecisionCB fit (float16 overflows)
+    with torch.inference_mode(), torch.autocast(self._buffers[0].device.type, enabled=False):
         stats = []
         for b in self._buffers:
-            x = b[:n].view(n, -1)
+            x = b[:n].view(n, b[0].numel())
             tmp, pos = self._tmp[:x.numel()].view_as(x), self._pos[:x.numel()].view_as(x)
             stats.append(_batch_stats(x, self.bins, *self.range, tmp, pos))
+        for row, i in self._missing: stats[i][row] = math.nan
         self.chunks.append(torch.stack(stats))
+    self._missing = []
     if self._fired:  # read after some hooks of a batch ran, before after_predict: their rows move to row 0
         for b in self._buffers: b[0].copy_(b[n])
 
 @patch
 def cleanup_fit(self: ActivationStatsCB, learn):
     self.hooks.remove()
-    self._fired = {}  # a batch cut short is not counted
+    self.hooks, self._fired, self._open = Hooks([], None), {}, False  # the hooks knew the learner; a batch cut short is not counted
     self._flush()
-    self._buffers, self._rows = [], []
+    self._buffers, self._rows, self._tmp, self._pos = [], [], None, None  # only the statistics stay
 
 # %% ../nbs/12_hooks.ipynb #fa3da2c6
 @patch(as_prop=True)
