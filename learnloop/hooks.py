@@ -133,13 +133,12 @@ def before_batch(self: ActivationStatsCB, learn):
 def _record(self: ActivationStatsCB, hook, module, inputs, output):
     "Copy the output into row `_n` of the module's buffer, or keep a copy if no buffer fits it."
     if not self._open: return
-    first = output[0] if isinstance(output, (tuple, list)) and output else output  # an LSTM, attention: the main output first
-    if not isinstance(first, torch.Tensor):
-        raise TypeError(f"ActivationStatsCB: module {self.names[hook.index]} returned a {type(output).__name__} of no tensor; "
-                        "leave it out with modules=[...]")
-    output = first
+    out = output[0] if isinstance(output, (tuple, list)) and output else output  # an LSTM, attention: the main output first
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"ActivationStatsCB: module {self.names[hook.index]} returned a {type(output).__name__}, neither a tensor "
+                        "nor a tuple starting with one; leave it out with modules=[...]")
     if hook.index in self._fired: self._warn_twice(hook.index)
-    x = output.detach()
+    x = out.detach()
     rows = self._rows[hook.index] if self._rows else None
     if rows and rows[0].shape == x.shape:
         rows[self._n].copy_(x)
@@ -155,7 +154,7 @@ def _warn_twice(self: ActivationStatsCB, i):
 # %% ../nbs/12_hooks.ipynb #7f334a5e
 @patch
 def after_predict(self: ActivationStatsCB, learn):
-    "Every hooked module has run: this batch's row is complete; count the rows when the buffers are full."
+    "The batch's forward pass is over: its row is complete; count the rows when the buffers are full."
     if not self._open: return  # a batch outside `phases`
     fired, self._fired, self._open = self._fired, {}, False
     if not self._rows or any(x is not None for x in fired.values()): self._new_buffers(fired)
