@@ -56,21 +56,18 @@ class HooksCB(Callback):
 # %% ../nbs/12_hooks.ipynb #81c589f6
 def _is_activation(m): return type(m).__module__ == 'torch.nn.modules.activation'
 
-def _check_args(bins, range, phases):
-    if not isinstance(bins, int) or isinstance(bins, bool) or bins < 1:
-        raise ValueError(f"ActivationStatsCB: bins={bins!r}: the number of histogram bins, a positive integer such as 40")
-    if len(range) != 2 or not all(math.isfinite(v) for v in range) or range[0] >= range[1]:
-        raise ValueError(f"ActivationStatsCB: range={range!r}: the (low, high) of the absolute values to count, low < high, such as (0, 10)")
-    if not phases or set(phases) - {'train', 'valid'}:
-        raise ValueError(f"ActivationStatsCB: phases={phases!r}: the phases to record, among 'train' and 'valid'")
-
 class ActivationStatsCB(Callback):
     "Mean, std and histogram of each hooked module's output, per training batch, kept on the device: `means`, `stds`, `hists`."
     order = Callback.order + 1  # after the metrics: lr_find sets aside the callbacks after MetricsCB, which only watch
     buffer_size = 2**20  # numbers: outputs wait in buffers of this size (or of one batch, if larger) to be counted together
     def __init__(self, modules=None, bins=40, range=(0, 10), phases=('train',), activations=False):
         if isinstance(phases, str): phases = (phases,)
-        _check_args(bins, range, phases)
+        if not isinstance(bins, int) or isinstance(bins, bool) or bins < 1:
+            raise ValueError(f"ActivationStatsCB: bins={bins!r}: the number of histogram bins, a positive integer such as 40")
+        if len(range) != 2 or not all(math.isfinite(v) for v in range) or range[0] >= range[1]:
+            raise ValueError(f"ActivationStatsCB: range={range!r}: the (low, high) of the absolute values to count, low < high, such as (0, 10)")
+        if not phases or set(phases) - {'train', 'valid'}:
+            raise ValueError(f"ActivationStatsCB: phases={phases!r}: the phases to record, among 'train' and 'valid'")
         self.modules = None if modules is None else list(modules)
         self.bins, self.range, self.phases, self.activations = bins, tuple(range), tuple(phases), activations
         self.done, self.chunks, self._continue = None, [], False
@@ -122,7 +119,7 @@ def before_fit(self: ActivationStatsCB, learn):
     if not modules: raise ValueError("ActivationStatsCB has no module to hook: pass modules=[...] with at least one")
     self.names = [f'{i} {type(m).__name__}' for i, m in enumerate(modules)]
     self.hooks = Hooks(modules, self._record)
-    for i, h in enumerate(self.hooks): h.learn, h.index = learn, i
+    for i, h in enumerate(self.hooks): h.index = i
 
 @patch
 def before_batch(self: ActivationStatsCB, learn):
@@ -137,7 +134,10 @@ def _record(self: ActivationStatsCB, hook, module, inputs, output):
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"ActivationStatsCB: module {self.names[hook.index]} returned a {type(output).__name__}, neither a tensor "
                         "nor a tuple starting with one; leave it out with modules=[...]")
-    if hook.index in self._fired: self._warn_twice(hook.index)
+    if hook.index in self._fired and not self._warned:
+        warnings.warn(f"ActivationStatsCB: module {self.names[hook.index]} ran twice in one forward pass (one module used at "
+                      "two places): only its last output is counted. Give each place a module of its own to see both.")
+        self._warned = True
     x = out.detach()
     rows = self._rows[hook.index] if self._rows else None
     if rows and rows[0].shape == x.shape:
@@ -145,11 +145,6 @@ def _record(self: ActivationStatsCB, hook, module, inputs, output):
         self._fired[hook.index] = None  # in its row
     else: self._fired[hook.index] = x.to(torch.float32, copy=True)  # the first batch, or a new shape
 
-@patch
-def _warn_twice(self: ActivationStatsCB, i):
-    if not self._warned: warnings.warn(f"ActivationStatsCB: module {self.names[i]} ran twice in one forward pass (one module used "
-                                       "at two places): only its last output is counted. Give each place a module of its own to see both.")
-    self._warned = True
 
 # %% ../nbs/12_hooks.ipynb #7f334a5e
 @patch
